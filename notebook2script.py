@@ -211,7 +211,7 @@ def all_notebooks(cfg: dict) -> list[Path]:
 
 def resolve_notebook(arg: str, cfg: dict) -> Path:
     "Accept a path, a file name inside nbs/, or a stem (`03_learner`)."
-    for cand in (Path(arg), cfg['nbs'] / arg, cfg['nbs'] / f'{arg}.ipynb'):
+    for cand in (Path(arg), cfg['root'] / arg, cfg['nbs'] / arg, cfg['nbs'] / f'{arg}.ipynb'):
         if cand.is_file() and cand.suffix == '.ipynb': return cand.resolve()
     raise ExportError(f'{arg}: no such notebook (looked in . and {rel(cfg["nbs"], cfg["root"])}/)')
 

@@ -49,8 +49,15 @@ class Result:
 
 
 # ------------------------------------------------------------------ the shell (built in the warm parent)
+_SHELL = None
+
+
 def make_shell():
-    "An IPython shell whose display hook and publisher record outputs into `shell.exp_outputs`."
+    "An IPython shell whose display hook and publisher record outputs into `shell.exp_outputs` (one per process)."
+    global _SHELL
+    if _SHELL is not None:
+        _SHELL.exp_outputs = {}
+        return _SHELL
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
     from IPython.core.interactiveshell import InteractiveShell
@@ -97,6 +104,7 @@ def make_shell():
     shell = NotebookShell.instance(config=cfg)
     shell.exp_outputs = {}
     shell.enable_matplotlib('inline')                    # Jupyter's default: figures shown after each cell
+    _SHELL = shell
     return shell
 
 
@@ -422,7 +430,7 @@ def main(argv=None) -> int:
     cfg = read_settings(find_root(args.root))
     paths = []
     for a in args.notebooks or []:
-        cands = [Path(a), cfg['nbs'] / a, cfg['nbs'] / f'{a}.ipynb']
+        cands = [Path(a), cfg['root'] / a, cfg['nbs'] / a, cfg['nbs'] / f'{a}.ipynb']
         p = next((c for c in cands if c.is_file()), None)
         if p is None: ap.error(f'{a}: no such notebook')
         paths.append(p)
