@@ -1,0 +1,80 @@
+"""The repository itself: exp/ matches the notebooks, every module imports alone, settings stay in sync."""
+import ast, configparser, json, os, re, subprocess, sys, tomllib
+
+import pytest
+
+from conftest import ROOT
+
+PY = sys.executable
+MODULES = sorted(p.relative_to(ROOT).with_suffix('').as_posix().replace('/', '.')
+                 for p in (ROOT / 'exp').rglob('*.py') if p.name != '__init__.py' and '__pycache__' not in p.parts)
+
+
+def settings():
+    cp = configparser.ConfigParser(); cp.read(ROOT / 'settings.ini')
+    return cp['DEFAULT']
+
+
+def test_exp_is_up_to_date_with_the_notebooks():
+    r = subprocess.run([PY, 'notebook2script.py', '--check'], cwd=ROOT, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != 'EXP_IN_TEST'})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize('mod', MODULES)
+def test_module_imports_alone_without_gpu_side_effects(mod):
+    "A fresh interpreter, no GPU visible: import, resolve every name in __all__, touch no CUDA."
+    code = (f'import importlib, torch; m = importlib.import_module({mod!r}); '
+            'missing = [n for n in m.__all__ if not hasattr(m, n)]; '
+            'assert not missing, f"__all__ names not defined: {missing}"; '
+            'assert not torch.cuda.is_initialized(), "CUDA initialised at import"')
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
+    r = subprocess.run([PY, '-c', code], cwd='/', capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_public_names_have_docstrings():
+    "Every public function and class exported has at least a one-line docstring (the docs need it)."
+    missing = []
+    for p in sorted((ROOT / 'exp').rglob('*.py')):
+        tree = ast.parse(p.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith('_'):
+                if not ast.get_docstring(node): missing.append(f'{p.relative_to(ROOT)}:{node.lineno} {node.name}')
+    assert not missing, 'public names without a docstring:\n' + '\n'.join(missing)
+
+
+def test_pyproject_mirrors_settings():
+    s = settings()
+    pp = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+    assert pp['name'] == s['lib_name'] and pp['description'] == s['description']
+    assert pp['dependencies'] == s['requirements'].split()
+    assert pp['optional-dependencies']['dev'] == s['dev_requirements'].split()
+    assert pp['requires-python'] == '>=' + s['min_python']
+    import exp
+    assert exp.__version__ == s['version']
+
+
+def test_torch_pair_is_pinned_together():
+    "torchvision wheels are built against one torch: the pins must move together."
+    reqs = dict(r.split('==') for r in settings()['requirements'].split() if '==' in r)
+    tv_minor = int(reqs['torchvision'].split('.')[1])
+    assert reqs['torch'].startswith(f'2.{tv_minor - 15}.'), reqs      # torchvision 0.N pairs with torch 2.(N-15)
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / 'README.md').read_text()
+    blocks = re.findall(r'```(?:bash|sh)?\n(.*?)```', readme, re.S)
+    first = [l.split('#')[0].strip() for l in blocks[0].splitlines() if l.strip() and not l.startswith('#')]
+    assert first[:2] == ['./dev main', './dev test'], first
+    assert './dev test' in (ROOT / '.ci/run').read_text()
+
+
+def test_notebooks_are_clean():
+    "Saved notebooks carry no volatile metadata and no error outputs."
+    for p in sorted((ROOT / 'nbs').glob('*.ipynb')):
+        nb = json.loads(p.read_text())
+        assert set(nb['metadata']) <= {'kernelspec', 'language_info', 'exp'}, f'{p.name}: {set(nb["metadata"])}'
+        for i, c in enumerate(nb['cells'], 1):
+            assert 'execution' not in c.get('metadata', {}), f'{p.name}: cell {i}: timing metadata'
+            assert not any(o.get('output_type') == 'error' for o in c.get('outputs', [])), f'{p.name}: cell {i}: error output'
