@@ -196,6 +196,8 @@ def write_atomic(path: Path, text: str) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)                              # mkstemp makes 0600; keep the usual mode
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             f.write(text); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -203,6 +205,11 @@ def write_atomic(path: Path, text: str) -> bool:
         Path(tmp).unlink(missing_ok=True)
         raise
     return True
+
+
+def _umask() -> int:
+    mask = os.umask(0); os.umask(mask)
+    return mask
 
 
 def all_notebooks(cfg: dict) -> list[Path]:

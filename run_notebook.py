@@ -253,17 +253,18 @@ def _jsonable(o):
     return {k: v for k, v in o.items() if not k.startswith('_')}
 
 
-def run_notebooks(paths, cfg=None, workers=None, slow=False, timeout=None, on_result=None) -> list[Result]:
-    """Run notebooks `paths`, up to `workers` at a time, each in a fork of this warm process.
+def schedule(paths, cfg, workers=None, slow=False, timeout=None, threads=None, on_result=None) -> list[Result]:
+    """Run notebooks `paths`, up to `workers` at a time, each in a fork of *this* process.
 
+    Only call this in a process that has not run torch code yet (GNU OpenMP does not survive a fork
+    once its thread pool exists): the command line does, and `run_notebooks` uses a fresh zygote.
     A cell running longer than `timeout` seconds is killed (with its process group) and reported."""
-    cfg = cfg or read_settings(find_root())
     paths = [Path(p).resolve() for p in paths]
     ncores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     workers = workers or int(cfg.get('workers', 0) or 0) or ncores
     workers = max(1, min(workers, len(paths) or 1))
     timeout = timeout or float(cfg.get('cell_timeout', 900))
-    threads = max(1, ncores // workers)
+    threads = threads or int(os.environ.get('EXP_THREADS', 0)) or max(1, ncores // workers)
     shell = warm_up()
     for s in (sys.stdout, sys.stderr): s.flush()
     pending, running, results = list(paths), {}, {}
@@ -328,6 +329,59 @@ def run_notebooks(paths, cfg=None, workers=None, slow=False, timeout=None, on_re
                 del running[pid]
                 if on_result: on_result(results[r['path']])
     return [results[p] for p in paths]
+
+
+_ZYGOTE = None
+
+
+def _zygote():
+    "A warm parent in its own fresh process, started once and reused: nothing the caller ran can leak into forks."
+    global _ZYGOTE
+    import atexit, subprocess
+    if _ZYGOTE is None or _ZYGOTE.poll() is not None:
+        env = {k: v for k, v in os.environ.items() if k != 'EXP_IN_TEST'}
+        _ZYGOTE = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), '--zygote'], env=env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        atexit.register(lambda z=_ZYGOTE: (z.stdin.close(), z.wait(10)) if z.poll() is None else None)
+    return _ZYGOTE
+
+
+def run_notebooks(paths, cfg=None, workers=None, slow=False, timeout=None, threads=None, on_result=None) -> list[Result]:
+    """Run notebooks `paths` (in parallel, each in its own process) from any caller, e.g. pytest.
+
+    The forks come from a zygote process that has imported torch but run nothing, so whatever the
+    calling process did (torch ops, threads) cannot affect them. Same engine as the command line."""
+    cfg = cfg or read_settings(find_root())
+    z = _zygote()
+    req = {'paths': [str(Path(p).resolve()) for p in paths], 'root': str(cfg['root']), 'workers': workers,
+           'slow': slow, 'timeout': timeout, 'threads': threads}
+    z.stdin.write(json.dumps(req) + '\n'); z.stdin.flush()
+    results = []
+    for line in z.stdout:
+        msg = json.loads(line)
+        if 'end' in msg: break
+        r = Result(**msg['result'])
+        r.outputs = {int(k): v for k, v in r.outputs.items()}
+        r.cell_times = {int(k): v for k, v in r.cell_times.items()}
+        results.append(r)
+        if on_result: on_result(r)
+    else: raise RuntimeError(f'run_notebook zygote died (exit code {z.wait()})')
+    order = {rel(Path(p).resolve(), cfg['root']): i for i, p in enumerate(paths)}
+    return sorted(results, key=lambda r: order.get(r.path, 0))
+
+
+def zygote_main():
+    "Serve run requests (JSON lines on stdin), answering results on the original stdout."
+    out = os.fdopen(os.dup(1), 'w')
+    os.dup2(2, 1)                                        # stray prints must not corrupt the protocol
+    warm_up()
+    for line in sys.stdin:
+        req = json.loads(line)
+        cfg = read_settings(Path(req['root']))
+        def send(r): out.write(json.dumps({'result': r.__dict__}) + '\n'); out.flush()
+        schedule([Path(p) for p in req['paths']], cfg, req['workers'], req['slow'], req['timeout'],
+                 req['threads'], on_result=send)
+        out.write(json.dumps({'end': True}) + '\n'); out.flush()
 
 
 def _finish(r):
@@ -425,8 +479,12 @@ def main(argv=None) -> int:
     ap.add_argument('--slow', action='store_true', help='also run cells and notebooks marked slow')
     ap.add_argument('--timeout', type=float, default=None, help='seconds a cell may run (default: settings.ini)')
     ap.add_argument('--save', action='store_true', help='write outputs back into the notebooks that passed')
+    ap.add_argument('--threads', type=int, default=None,
+                    help='torch threads per notebook (default: $EXP_THREADS, else cores / workers)')
     ap.add_argument('--root', type=Path, help='project root (default: nearest folder with settings.ini)')
+    ap.add_argument('--zygote', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.zygote: return zygote_main()
     cfg = read_settings(find_root(args.root))
     paths = []
     for a in args.notebooks or []:
@@ -440,7 +498,7 @@ def main(argv=None) -> int:
         tag = {'passed': 'ok  ', 'failed': 'FAIL', 'skipped': 'skip'}[r.status]
         print(f'{tag} {r.path} ({r.seconds:.1f} s)' + (f' [{r.report}]' if r.status == 'skipped' else ''), flush=True)
         if r.status == 'failed': print('\n' + r.report + '\n', flush=True)
-    results = run_notebooks(paths, cfg, args.workers, args.slow, args.timeout, on_result=show)
+    results = schedule(paths, cfg, args.workers, args.slow, args.timeout, args.threads, on_result=show)
     note = ''
     if args.save:
         saved = [r.path for p, r in zip(paths, results) if r.passed and save_outputs(p, r, cfg)]

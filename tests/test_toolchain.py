@@ -272,3 +272,13 @@ def test_invalid_notebook_fails_with_its_name(proj):
     (proj / 'nbs/01_broken.ipynb').write_text('not json')
     (r,) = run(proj, '01_broken.ipynb')
     assert r.status == 'failed' and r.report.startswith('nbs/01_broken.ipynb: not valid JSON')
+
+
+def test_forks_survive_a_caller_that_already_ran_torch(proj):
+    "GNU OpenMP hangs in a fork once its pool exists: the runner forks from a clean zygote instead."
+    import torch
+    torch.set_num_threads(2)
+    (torch.randn(400, 400) @ torch.randn(400, 400)).sum()           # start this process's thread pool
+    make_nb(proj / 'nbs/01_t.ipynb', 'import torch\nassert (torch.randn(300, 300) @ torch.eye(300)).shape == (300, 300)')
+    (r,) = run(proj, '01_t.ipynb', timeout=60)
+    assert r.passed, r.report
