@@ -32,8 +32,11 @@ class ExportError(Exception):
 
 # ---------------------------------------------------------------- settings
 def find_root(start: Path | None = None) -> Path:
-    "The project root: the nearest folder at or above `start` (default: cwd) holding settings.ini."
-    here = Path(start or Path.cwd()).resolve()
+    "The project root: `start` itself when given (it must hold settings.ini), else the nearest folder at or above cwd."
+    if start is not None:
+        if (Path(start) / 'settings.ini').is_file(): return Path(start).resolve()
+        raise SystemExit(f'notebook2script: no settings.ini in {start}')
+    here = Path.cwd().resolve()
     for d in [here, *here.parents]:
         if (d / 'settings.ini').is_file(): return d
     script_dir = Path(__file__).resolve().parent
