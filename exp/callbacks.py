@@ -9,7 +9,7 @@ __all__ = ['TerminateOnNaN',
            'MixedPrecision',
            'ChannelsLast']
 
-# %% nbs/03b_callbacks.ipynb cell 2 (id: 6fec2b6b)
+# %% nbs/03b_callbacks.ipynb cell 2 (id: e27e6883)
 import math
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 
 from exp.learner import Callback, CancelFitException
 
-# %% nbs/03b_callbacks.ipynb cell 6 (id: 77eddf9e)
+# %% nbs/03b_callbacks.ipynb cell 6 (id: 39277d5b)
 class TerminateOnNaN(Callback):
     "Stop training (`CancelFitException`) as soon as the training loss is NaN or infinite."
     order = -9
@@ -27,7 +27,7 @@ class TerminateOnNaN(Callback):
             print(f'Loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}: training stopped.')
             raise CancelFitException()
 
-# %% nbs/03b_callbacks.ipynb cell 9 (id: 8f04dbf8)
+# %% nbs/03b_callbacks.ipynb cell 9 (id: fe4532ba)
 class TrackerCallback(Callback):
     "Track the `monitor`ed value ('valid_loss', 'train_loss' or a metric) each epoch; `new_best` says if it improved."
     order = 60
@@ -67,7 +67,7 @@ class EarlyStopping(TrackerCallback):
             print(f'No improvement in {self.monitor} since epoch {learn.epoch - self.wait}: early stopping.')
             raise CancelFitException()
 
-# %% nbs/03b_callbacks.ipynb cell 13 (id: c3385e35)
+# %% nbs/03b_callbacks.ipynb cell 13 (id: f839140c)
 class SaveModel(TrackerCallback):
     "Save the model as `fname` whenever `monitor` improves (atomically) and load the best back after training."
     def __init__(self, monitor='valid_loss', comp=None, min_delta=0., fname='model', every_epoch=False, at_end=False,
@@ -89,7 +89,7 @@ class SaveModel(TrackerCallback):
         elif not self.every_epoch and (learn.path / learn.model_dir / f'{self.fname}.pth').exists():
             learn.load(self.fname, with_opt=self.with_opt)
 
-# %% nbs/03b_callbacks.ipynb cell 19 (id: 92c27224)
+# %% nbs/03b_callbacks.ipynb cell 19 (id: 7ee98472)
 class ShowGraph(Callback):
     "Plot the training and validation losses: live under the progress bar in Jupyter, else once after training."
     order = 65
@@ -111,7 +111,7 @@ class ShowGraph(Callback):
     def after_fit(self, learn):
         if self._mbar(learn) is None and learn.recorder.losses: learn.recorder.plot_loss(skip_start=0)
 
-# %% nbs/03b_callbacks.ipynb cell 22 (id: 60183bde)
+# %% nbs/03b_callbacks.ipynb cell 22 (id: 5a3e6f39)
 class GradientClip(Callback):
     "Clip the gradients' norm to `max_norm` after backward (unscaling them first under an fp16 GradScaler)."
     order = 20
@@ -122,7 +122,7 @@ class GradientClip(Callback):
         if scaler is not None and scaler.is_enabled(): scaler.unscale_(learn.opt)
         nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% nbs/03b_callbacks.ipynb cell 25 (id: 44827e73)
+# %% nbs/03b_callbacks.ipynb cell 25 (id: 43f785da)
 class MixedPrecision(Callback):
     "Autocast forward and loss to fp16 (with a GradScaler; CUDA's default) or bf16 (the CPU's); counts skipped steps."
     order = 10
@@ -151,7 +151,7 @@ class MixedPrecision(Callback):
 
     def cleanup_fit(self, learn): learn.scaler = None
 
-# %% nbs/03b_callbacks.ipynb cell 33 (id: a192ec85)
+# %% nbs/03b_callbacks.ipynb cell 33 (id: ccf31ad0)
 class ChannelsLast(Callback):
     "Train in `channels_last` memory format: the model once, and every 4-d input batch."
     order = -5

@@ -32,11 +32,10 @@ __all__ = ['Flatten',
            'Recorder',
            'progress_mode',
            'ProgressCallback',
-           'conv',
            'mnist_convnet',
            'fashion_mnist_dls']
 
-# %% nbs/03_learner.ipynb cell 2 (id: 5ac9d3a1)
+# %% nbs/03_learner.ipynb cell 2 (id: 645d1ebd)
 import contextlib, copy, math, os, sys, tempfile, time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from torch import nn
 
 from exp.minibatch import DataLoaders, accuracy
 
-# %% nbs/03_learner.ipynb cell 5 (id: d459754b)
+# %% nbs/03_learner.ipynb cell 5 (id: 71acfc0d)
 class Flatten(nn.Module):
     "Flatten each item of a batch to a vector (`full=True`: flatten the whole batch to one vector)."
     def __init__(self, full=False):
@@ -55,12 +54,12 @@ class Flatten(nn.Module):
 
     def forward(self, x): return x.reshape(-1) if self.full else x.reshape(x.size(0), -1)
 
-# %% nbs/03_learner.ipynb cell 8 (id: 3b5510ff)
+# %% nbs/03_learner.ipynb cell 8 (id: d4f74342)
 def error_rate(inp, targ, axis=-1):
     "1 - `accuracy`: the fraction of predictions whose argmax is not the target."
     return 1 - accuracy(inp, targ, axis=axis)
 
-# %% nbs/03_learner.ipynb cell 11 (id: ea6b3e0d)
+# %% nbs/03_learner.ipynb cell 11 (id: 1af899ee)
 def default_device(use=None):
     "The device to train on: CUDA if available, else MPS, else the CPU (`use=False` forces the CPU)."
     if use is False: return torch.device('cpu')
@@ -82,7 +81,7 @@ def to_device(b, device, non_blocking=None):
         return o
     return _to(b)
 
-# %% nbs/03_learner.ipynb cell 14 (id: 3ab7ba73)
+# %% nbs/03_learner.ipynb cell 14 (id: 4a311add)
 class TensorLoader:
     "Batches of in-memory tensors cut a whole batch at a time (no per-item collation); `tfm(batch)` maps each batch."
     def __init__(self, *tensors, bs=64, shuffle=False, drop_last=False, tfm=None):
@@ -104,7 +103,7 @@ class TensorLoader:
                 b = tuple(t[j] for t in self.tensors)
             yield self.tfm(b) if self.tfm is not None else b
 
-# %% nbs/03_learner.ipynb cell 17 (id: 6c845998)
+# %% nbs/03_learner.ipynb cell 17 (id: b1d3eec3)
 class CancelFitException(Exception): "Raise in a callback to stop `fit`; `after_cancel_fit` and `after_fit` still run."
 class CancelEpochException(Exception): "Raise in a callback to skip the rest of this epoch."
 class CancelTrainException(Exception): "Raise in a callback to skip the rest of this epoch's training phase."
@@ -128,7 +127,7 @@ class Callback:
     order = 0
     def __repr__(self): return type(self).__name__
 
-# %% nbs/03_learner.ipynb cell 19 (id: a30d2c57)
+# %% nbs/03_learner.ipynb cell 19 (id: 7f176c3f)
 def find_bs(b):
     "The batch size of `b`: the length of its first tensor (searching nested lists and tuples)."
     if isinstance(b, torch.Tensor): return b.shape[0]
@@ -175,7 +174,7 @@ class AvgLoss(AvgMetric):
     @property
     def name(self): return 'loss'
 
-# %% nbs/03_learner.ipynb cell 23 (id: 504d62af)
+# %% nbs/03_learner.ipynb cell 23 (id: b9e591df)
 def lr_range(lr, n_groups):
     "One value per group from `lr`: a number, a sequence, or a `slice` (geometric from start to stop; stop/10 except last)."
     if isinstance(lr, slice):
@@ -216,7 +215,7 @@ def get_group_hyper(group, name):
     v = v[i] if i is not None else v
     return float(v) if isinstance(v, (int, float, torch.Tensor)) else v
 
-# %% nbs/03_learner.ipynb cell 26 (id: 270c1d85)
+# %% nbs/03_learner.ipynb cell 26 (id: 0b3d686f)
 def torch_adamw(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, **kwargs):
     "fastai's default optimizer, AdamW with decoupled weight decay, as torch's fused `AdamW` (else `foreach`)."
     params = list(params)
@@ -231,7 +230,7 @@ def trainable_params(m):
     "The parameters of `m` that require grad: the default `splitter` (a single parameter group)."
     return [p for p in m.parameters() if p.requires_grad]
 
-# %% nbs/03_learner.ipynb cell 29 (id: 2d307808)
+# %% nbs/03_learner.ipynb cell 29 (id: 5099d0b1)
 def save_atomic(obj, path):
     "`torch.save(obj)` to `path` through a temporary file in the same folder and `os.replace`: never a partial file."
     path = Path(path)
@@ -248,7 +247,7 @@ def save_atomic(obj, path):
         raise
     return path
 
-# %% nbs/03_learner.ipynb cell 33 (id: d219c65b)
+# %% nbs/03_learner.ipynb cell 33 (id: 785e67be)
 def noop(*args, **kwargs):
     "Do nothing (a logger that logs nothing)."
     return None
@@ -262,7 +261,7 @@ class TextLogger:
         line = '  '.join(str(s).ljust(w) for s, w in zip(items, self.widths))
         print(line.rstrip(), file=self.file or sys.stdout, flush=True)
 
-# %% nbs/03_learner.ipynb cell 36 (id: 64fdf50c)
+# %% nbs/03_learner.ipynb cell 36 (id: ba17131d)
 def _listify(o):
     if o is None: return []
     if isinstance(o, (list, tuple)): return list(o)
@@ -416,7 +415,7 @@ class Learner:
         n_inp = getattr(self.dls, 'n_inp', 1)
         for self.iter, b in enumerate(self.dl):
             b = to_device(b, self.device)
-            self.xb, self.yb = tuple(b[:n_inp]), tuple(b[n_inp:])
+            self.xb, self.yb, self.pred, self.loss = tuple(b[:n_inp]), tuple(b[n_inp:]), None, None
             if self.training: self.pct_train = (self.epoch + self.iter / self.n_iter) / self.n_epoch
             self._with_events(self._one_batch, 'batch', CancelBatchException)
             if self.training: self.train_iter += 1
@@ -520,7 +519,7 @@ class Learner:
         from exp.schedules import lr_find_sweep
         return lr_find_sweep(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs)
 
-# %% nbs/03_learner.ipynb cell 38 (id: 4355f9f0)
+# %% nbs/03_learner.ipynb cell 38 (id: 0c922b75)
 def format_time(t):
     "Format `t` seconds as mm:ss (h:mm:ss past an hour), like fastai's table."
     t = int(t)
@@ -607,7 +606,7 @@ class Recorder(Callback):
             ax.plot(self.hps[k]); ax.set_title(k); ax.set_xlabel('batch')
         return axs[0]
 
-# %% nbs/03_learner.ipynb cell 40 (id: e6dea8e6)
+# %% nbs/03_learner.ipynb cell 40 (id: c700e7d6)
 _LOOKUP = object()
 
 
@@ -626,7 +625,7 @@ def progress_mode(shell=_LOOKUP, stream=None, env=None):
     except (AttributeError, ValueError, OSError): tty = False
     return 'tty' if tty and env.get('TERM') != 'dumb' else 'text'
 
-# %% nbs/03_learner.ipynb cell 43 (id: b85b7d6d)
+# %% nbs/03_learner.ipynb cell 43 (id: d73b087e)
 class ProgressCallback(Callback):
     "Progress bars with a live table in Jupyter or a terminal (fastprogress); in a log, one plain line per epoch."
     order = 45                                      # before the Recorder, which logs the table through us
@@ -670,17 +669,15 @@ class ProgressCallback(Callback):
         self.mbar.on_iter_end()
         learn.logger, self.mbar, self.pbar = self.old_logger, None, None
 
-# %% nbs/03_learner.ipynb cell 68 (id: aa6a32bb)
-def conv(ni, nf):
-    "The fastai v1 MNIST tutorial's layer: a 3×3 stride-2 convolution."
-    return nn.Conv2d(ni, nf, kernel_size=3, stride=2, padding=1)
+# %% nbs/03_learner.ipynb cell 70 (id: 983abf14)
+def _conv(ni, nf): return nn.Conv2d(ni, nf, kernel_size=3, stride=2, padding=1)
 
 
 def mnist_convnet():
-    "The fastai v1 MNIST tutorial's model: stride-2 convs with BatchNorm and ReLU, ending in `Flatten`."
-    return nn.Sequential(conv(1, 8), nn.BatchNorm2d(8), nn.ReLU(), conv(8, 16), nn.BatchNorm2d(16), nn.ReLU(),
-                         conv(16, 32), nn.BatchNorm2d(32), nn.ReLU(), conv(32, 16), nn.BatchNorm2d(16), nn.ReLU(),
-                         conv(16, 10), nn.BatchNorm2d(10), Flatten())
+    "The fastai v1 MNIST tutorial's model: 3x3 stride-2 convs with BatchNorm and ReLU, ending in `Flatten`."
+    return nn.Sequential(_conv(1, 8), nn.BatchNorm2d(8), nn.ReLU(), _conv(8, 16), nn.BatchNorm2d(16), nn.ReLU(),
+                         _conv(16, 32), nn.BatchNorm2d(32), nn.ReLU(), _conv(32, 16), nn.BatchNorm2d(16), nn.ReLU(),
+                         _conv(16, 10), nn.BatchNorm2d(10), Flatten())
 
 
 def fashion_mnist_dls(bs=128, n_train=None, device=None):

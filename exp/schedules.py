@@ -17,7 +17,7 @@ __all__ = ['sched_lin',
            'plot_lr_find',
            'lr_find_sweep']
 
-# %% nbs/03a_schedules.ipynb cell 2 (id: fac08b19)
+# %% nbs/03a_schedules.ipynb cell 2 (id: 2182d5f9)
 import collections, copy, itertools, math
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 
 from exp.learner import Callback, CancelFitException, CancelValidException
 
-# %% nbs/03a_schedules.ipynb cell 5 (id: a9aacfe4)
+# %% nbs/03a_schedules.ipynb cell 5 (id: 2add2d85)
 def sched_lin(start, end):
     "Linear schedule from `start` to `end`: a function of `pos` in [0, 1]."
     def _f(pos): return start + pos * (end - start)
@@ -49,7 +49,7 @@ def sched_exp(start, end):
     def _f(pos): return start * (end / start) ** pos
     return _f
 
-# %% nbs/03a_schedules.ipynb cell 9 (id: 5468a0fd)
+# %% nbs/03a_schedules.ipynb cell 9 (id: ba3ab2da)
 def combine_scheds(pcts, scheds):
     "One schedule running `scheds[i]` over the fraction `pcts[i]` of training, in order (`pcts` sum to 1)."
     if len(pcts) != len(scheds): raise ValueError('combine_scheds: one pct per schedule')
@@ -66,7 +66,7 @@ def combined_cos(pct, start, middle, end):
     "Cosine from `start` to `middle` over the first `pct` of training, then cosine from `middle` to `end`."
     return combine_scheds([pct, 1 - pct], [sched_cos(start, middle), sched_cos(middle, end)])
 
-# %% nbs/03a_schedules.ipynb cell 12 (id: 9ab397cc)
+# %% nbs/03a_schedules.ipynb cell 12 (id: 6d67137b)
 class ParamScheduler(Callback):
     "Before each training batch, set each hyper-parameter in `scheds` (name -> schedule) at `learn.pct_train`."
     order = 1
@@ -76,7 +76,7 @@ class ParamScheduler(Callback):
         if not learn.training: return
         for name, f in self.scheds.items(): learn.set_hyper(name, f(learn.pct_train))
 
-# %% nbs/03a_schedules.ipynb cell 14 (id: ea912be5)
+# %% nbs/03a_schedules.ipynb cell 14 (id: 33e16be1)
 def one_cycle_scheds(lr_max, div=25., div_final=1e5, pct_start=0.25, moms=(0.95, 0.85, 0.95)):
     "fastai's 1cycle schedules: lr cosine `lr_max/div` -> `lr_max` -> `lr_max/div_final`; momentum `moms` the other way."
     return {'lr': combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final),
@@ -87,7 +87,7 @@ def flat_cos_scheds(lr, div_final=1e5, pct_start=0.75):
     "`fit_flat_cos`'s schedule: `lr` flat for `pct_start` of training, then cosine-annealed to `lr/div_final`."
     return {'lr': combined_cos(pct_start, lr, lr, lr / div_final)}
 
-# %% nbs/03a_schedules.ipynb cell 24 (id: e3db26e1)
+# %% nbs/03a_schedules.ipynb cell 24 (id: f6f0fdf8)
 class LRFinder(Callback):
     "Raise the lr exponentially from `start_lr` to `end_lr` over `num_it` batches, recording the smoothed loss; stop on divergence."
     order = 1
@@ -110,7 +110,7 @@ class LRFinder(Callback):
 
     def before_validate(self, learn): raise CancelValidException()
 
-# %% nbs/03a_schedules.ipynb cell 26 (id: 6fad8f15)
+# %% nbs/03a_schedules.ipynb cell 26 (id: 71cb8bdb)
 def minimum(lrs, losses):
     "Suggest a tenth of the lr at the lowest smoothed loss; returns (suggestion, index of the point to mark)."
     i = int(np.argmin(losses))
