@@ -28,8 +28,11 @@ from notebook2script import (PROVENANCE_RE, ExportError, all_notebooks, cell_sou
 
 SLOW_RE = re.compile(r'^\s*#\s*\|?\s*slow\s*$')
 ALL_SLOW_RE = re.compile(r'^\s*#\s*\|?\s*all_slow\s*$')
-WARM_IMPORTS = ('numpy', 'torch', 'torch.nn', 'torch.nn.functional', 'matplotlib', 'matplotlib.pyplot',
-                'matplotlib_inline.backend_inline', 'PIL.Image', 'IPython', 'IPython.display')
+WARM_IMPORTS = ('numpy', 'torch', 'torch.nn', 'torch.nn.functional', 'torch.optim', 'torch._dynamo', 'torchvision',
+                'torchvision.transforms', 'matplotlib', 'matplotlib.pyplot', 'matplotlib_inline.backend_inline',
+                'PIL.Image', 'IPython', 'IPython.display', 'fastprogress', 'safetensors.torch')
+# (torch.optim pulls in torch._dynamo, ~2 s: paid once here instead of in every notebook that makes an optimizer.
+#  None of these start threads at import, which is what makes forking after them safe.)
 
 
 @dataclass
