@@ -24,11 +24,14 @@ import numpy as np
 import torch
 
 # %% nbs/02_data.ipynb cell 4 (id: c6e4b764)
+from exp.core import L
+
+
 def _ls(self, n_max=None, file_exts=None):
-    "The entries of this folder, sorted; only those ending in `file_exts` (str or list) if given."
+    "The entries of this folder, sorted, as an `L`; only those ending in `file_exts` (str or list) if given."
     exts = [file_exts] if isinstance(file_exts, str) else file_exts
     items = sorted(p for p in self.iterdir() if not exts or p.suffix in exts)
-    return items[:n_max] if n_max is not None else items
+    return L(items[:n_max] if n_max is not None else items)
 
 Path.ls = _ls
 
