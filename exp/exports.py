@@ -29,7 +29,7 @@ def test(a, b, cmp, cname=None):
     assert cmp(a, b), f"{cname}:\n{a!r}\n{b!r}"
 
 
-def _is_array(x): return hasattr(x, '__array__') or isinstance(x, torch.Tensor)
+def _is_array(x): return not isinstance(x, type) and (hasattr(x, '__array__') or isinstance(x, torch.Tensor))
 
 
 def equals(a, b):
