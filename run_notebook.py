@@ -72,14 +72,14 @@ def make_shell():
         def write_output_prompt(self): pass
         def finish_displayhook(self): pass
         def write_format_data(self, format_dict, md_dict=None):
-            self.shell.exp_add({'output_type': 'execute_result', 'data': format_dict,
+            self.shell.exp_add({'output_type': 'execute_result', 'data': _json_safe_data(format_dict),
                                 'metadata': md_dict or {}, 'execution_count': self.shell.execution_count})
 
     class CapturePublisher(DisplayPublisher):
         "Records display() calls, including display-id updates and clear_output, as Jupyter would."
         def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
             did = (transient or {}).get('display_id')
-            out = {'output_type': 'display_data', 'data': data, 'metadata': metadata or {}}
+            out = {'output_type': 'display_data', 'data': _json_safe_data(data), 'metadata': metadata or {}}
             if update and did is not None:
                 for cell_outs in self.shell.exp_outputs.values():
                     for o in cell_outs:
@@ -109,6 +109,17 @@ def make_shell():
     shell.enable_matplotlib('inline')                    # Jupyter's default: figures shown after each cell
     _SHELL = shell
     return shell
+
+
+def _json_safe_data(data: dict) -> dict:
+    "Mime bundle values as Jupyter stores them: bytes (e.g. a PIL image's PNG) base64-encoded, the rest JSON."
+    import base64
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, (bytes, bytearray, memoryview)): v = base64.b64encode(bytes(v)).decode('ascii')
+        elif not isinstance(v, (str, int, float, bool, list, dict, type(None))): v = str(v)
+        out[k] = v
+    return out
 
 
 class CellStream:
@@ -282,7 +293,7 @@ def schedule(paths, cfg, workers=None, slow=False, timeout=None, threads=None, o
                 os.setpgid(0, 0)
                 os.dup2(log.fileno(), 1); os.dup2(log.fileno(), 2)   # C-level output goes to a log
                 out = os.fdopen(wfd, 'w')
-                def send(msg): out.write(json.dumps(msg) + '\n'); out.flush()
+                def send(msg): out.write(json.dumps(msg, default=str) + '\n'); out.flush()
                 code = 0
                 try:
                     res = run_in_child(shell, path, cfg, slow, threads, send)
@@ -445,7 +456,8 @@ def _clean_output(o, count):
     o = dict(o)
     if o['output_type'] == 'execute_result': o['execution_count'] = count
     if o['output_type'] == 'stream':                      # keep what a terminal would show after \r redraws
-        o['text'] = '\n'.join(line.rsplit('\r', 1)[-1] for line in o['text'].split('\n'))
+        text = o['text'].replace('\r\n', '\n')
+        o['text'] = '\n'.join(line.rstrip('\r').rsplit('\r', 1)[-1] for line in text.split('\n'))
     if o['output_type'] in ('display_data', 'execute_result'):
         o['data'] = {k: v for k, v in o['data'].items() if k != 'application/vnd.jupyter.widget-view+json'} or o['data']
     return o

@@ -156,7 +156,9 @@ def test_runs_magics_shell_and_rich_display(proj):
             'out = !echo hello-from-shell\nassert out == ["hello-from-shell"], out',
             'from IPython.display import HTML, display\ndisplay(HTML("<b>bold</b>"))',
             '%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);',
-            'import os\nassert os.environ["EXP_IN_TEST"] == "1"\nassert os.getcwd().endswith("nbs")\n41 + 1')
+            'import os\nassert os.environ["EXP_IN_TEST"] == "1"\nassert os.getcwd().endswith("nbs")\n41 + 1',
+            'from PIL import Image\nImage.new("RGB", (4, 4))',                      # a cell whose value is bytes-backed
+            '!printf "a\\r\\nb\\n"')
     (r,) = run(proj, '01_ipy.ipynb')
     assert r.passed, r.report
     kinds = {c: [(o['output_type'], sorted(o.get('data', {}))) for o in outs] for c, (_, outs) in r.outputs.items()}
@@ -164,6 +166,9 @@ def test_runs_magics_shell_and_rich_display(proj):
     assert ('display_data', ['text/html', 'text/plain']) in kinds[3]
     assert any('image/png' in d for _, d in kinds[4])                       # inline figure captured
     assert r.outputs[5][1][-1]['data']['text/plain'] == '42'
+    import base64
+    assert base64.b64decode(r.outputs[6][1][-1]['data']['image/png'])[:4] == b'\x89PNG'
+    assert rn._clean_output(r.outputs[7][1][0], 7)['text'] == 'a\nb\n'
 
 
 def test_failure_report_points_at_cell_line_and_library_cell(proj):
