@@ -1,43 +1,93 @@
-"""The main job: train a Fashion-MNIST classifier with exp, then use it.  Run: ./dev main [--epochs N]
+"""The main job: train a Fashion-MNIST classifier with exp, look at its mistakes, export it, use it.  Run: ./dev main
 
-Steps (each one a line of the library, as a user would type them):
-1. data: Fashion-MNIST, offline first (Debian's package, the cache, or a verified download);
-2. a model: the conv stack from fastai's MNIST tutorial (stride-2 convs + BatchNorm + ReLU);
-3. `Learner(...).fit_one_cycle(...)`, printing the epoch table;
-4. use it: accuracy on the 10,000 test images, and predictions for a few of them by class name.
+Each step is a line of the library, as a user would type it:
+1. data: `untar_data(URLs.FASHION_MNIST_PNG)` (offline first: Debian's package, the cache, or a verified
+   download, written once as training/<class>/*.png, testing/<class>/*.png) and a `DataBlock` over it;
+2. a model (the conv net of fastai's MNIST tutorial) and `Learner(...).fit_one_cycle(...)`, printing the epoch table;
+3. `ClassificationInterpretation`: the most confused classes, a confusion matrix and the top losses as pictures;
+4. `learn.export()` (a safe export: JSON description + safetensors weights, no pickle) and `load_learner`, checked
+   to predict exactly what the trained learner predicts on the 10,000 test images;
+5. `learn_inf.predict('some/image.png')` on image files, as in fastbook's chapter 2.
 """
-import argparse, time
+import argparse, os, time
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from exp.data import FASHION_MNIST_CLASSES
-from exp.learner import Learner, fashion_mnist_dls, mnist_convnet
+from exp.core import defaults, num_cpus
+from exp.data import URLs, untar_data
+from exp.datablock import CategoryBlock, DataBlock, GrandparentSplitter, get_image_files, parent_label
+from exp.export import load_learner
+from exp.interpret import ClassificationInterpretation, collect_preds
+from exp.learner import Learner, mnist_convnet
 from exp.minibatch import accuracy
+from exp.vision import ImageBlock, Normalize, PILImageBW
+
+
+def step(msg, t0=[time.perf_counter()]):
+    "Print a step's title with the time since the start."
+    print(f'\n[{time.perf_counter() - t0[0]:5.1f} s] {msg}', flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--epochs', type=int, default=3)
-    ap.add_argument('--lr', type=float, default=0.1, help='peak learning rate of the one-cycle schedule')
+    ap.add_argument('--lr', type=float, default=1e-2, help='peak learning rate of the one-cycle schedule')
     ap.add_argument('--bs', type=int, default=128)
+    ap.add_argument('--out', type=Path, default=Path(os.environ.get('EXP_QUICKSTART_OUT', '~/.exp/quickstart')).expanduser(),
+                    help='where the pictures and the export go (default: ~/.exp/quickstart)')
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: the cores the data worker leaves)')
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads or max(1, num_cpus() - defaults.num_workers))
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    step('1. Data: Fashion-MNIST as PNG files, through a DataBlock')
+    path = untar_data(URLs.FASHION_MNIST_PNG)
+    fashion = DataBlock(blocks=(ImageBlock(PILImageBW), CategoryBlock), get_items=get_image_files,
+                        splitter=GrandparentSplitter(train_name='training', valid_name='testing'),
+                        get_y=parent_label, batch_tfms=[Normalize()])
+    dls = fashion.dataloaders(path, bs=args.bs)
+    print(dls)
+
+    step(f'2. Train: the MNIST tutorial conv net, fit_one_cycle({args.epochs}, {args.lr})')
     torch.manual_seed(42)
-
-    dls = fashion_mnist_dls(bs=args.bs)
-    learn = Learner(dls, mnist_convnet(), loss_func=torch.nn.CrossEntropyLoss(), metrics=accuracy)
-    t0 = time.time()
+    learn = Learner(dls, mnist_convnet(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, path=args.out)
     learn.fit_one_cycle(args.epochs, args.lr)
-    print(f'trained {args.epochs} epochs in {time.time() - t0:.1f} s')
+    acc = learn.recorder.values[-1][-1]
+    print(f'Fashion-MNIST test accuracy: {acc:.4f}')
 
-    learn.model.eval()
-    xb, yb = next(iter(dls.valid))
-    with torch.no_grad(): probs = learn.model(xb[:8]).softmax(-1)
-    print('\nfirst test images:')
-    for p, y in zip(probs, yb[:8]):
-        i = int(p.argmax())
-        print(f'  predicted {FASHION_MNIST_CLASSES[i]:12s} ({float(p[i]):.2f})   actual {FASHION_MNIST_CLASSES[int(y)]}')
-    loss, acc = learn.validate()[:2]
-    print(f'\nFashion-MNIST test accuracy: {acc:.4f}')
+    step('3. Interpret: where does the model go wrong?')
+    interp = ClassificationInterpretation.from_learner(learn)
+    print('most confused (actual, predicted, count):')
+    for a, p, n in interp.most_confused()[:5]: print(f'  {a:12s} -> {p:12s} {n}')
+    interp.plot_confusion_matrix()
+    plt.savefig(args.out / 'confusion_matrix.png', dpi=80); plt.close('all')
+    interp.plot_top_losses(5, nrows=1)
+    plt.savefig(args.out / 'top_losses.png', dpi=80); plt.close('all')
+    print(f'pictures: {args.out / "confusion_matrix.png"}, {args.out / "top_losses.png"}')
+
+    step('4. Export, then load_learner: the same predictions?')
+    fname = learn.export()
+    print(f'wrote {fname} ({fname.stat().st_size / 1e3:.0f} kB)')
+    learn_inf = load_learner(fname)
+    items = dls.valid_ds.items
+    preds, _ = collect_preds(learn)
+    preds_inf, _ = collect_preds(learn_inf, dl=learn_inf.dls.test_dl(items))
+    same = torch.equal(preds_inf, preds)
+    print(f'load_learner({fname.name}) on {len(items)} test images: predictions {"identical" if same else "DIFFERENT"} '
+          f'(max |difference| {(preds_inf - preds).abs().max().item():.1e})')
+    if not same: raise SystemExit('quickstart: the loaded learner does not predict what the trained one does')
+
+    step('5. Predict image files with the loaded learner')
+    files = [get_image_files(path / 'testing' / c)[0] for c in list(learn_inf.dls.vocab)[:6]]
+    for f in files:
+        pred, pred_idx, probs = learn_inf.predict(f)
+        print(f'  {f.relative_to(path)}: Prediction: {pred}; Probability: {probs[pred_idx]:.04f}')
+    step('done')
     return acc
 
 
