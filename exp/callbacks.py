@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exp.learner import Callback, CancelFitException
+from exp.learner import Callback, CancelFitException, distrib_barrier, rank_distrib
 
 # %% nbs/03b_callbacks.ipynb cell 6 (id: 39277d5b)
 class TerminateOnNaN(Callback):
@@ -24,7 +24,7 @@ class TerminateOnNaN(Callback):
     order = -9
     def after_batch(self, learn):
         if learn.training and learn.loss is not None and not torch.isfinite(learn.loss).all():
-            print(f'Loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}: training stopped.')
+            if rank_distrib() == 0: print(f'Loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}: training stopped.')
             raise CancelFitException()
 
 # %% nbs/03b_callbacks.ipynb cell 9 (id: fe4532ba)
@@ -49,6 +49,14 @@ class TrackerCallback(Callback):
         self.new_best = val is not None and bool(self.comp(val - self.min_delta, self.best))
         if self.new_best: self.best = val
 
+    def state_dict(self):
+        "The best value so far, for a checkpoint (`08a_checkpoint`)."
+        return {'best': None if self.best is None else float(self.best)}
+
+    def load_state_dict(self, state):
+        "Go on from a checkpoint's best value."
+        self.best = state['best']
+
 
 class EarlyStopping(TrackerCallback):
     "Stop training when `monitor` has not improved for `patience` epochs."
@@ -64,8 +72,17 @@ class EarlyStopping(TrackerCallback):
         super().after_epoch(learn)
         self.wait = 0 if self.new_best else self.wait + 1
         if self.wait >= self.patience:
-            print(f'No improvement in {self.monitor} since epoch {learn.epoch - self.wait}: early stopping.')
+            if rank_distrib() == 0: print(f'No improvement in {self.monitor} since epoch {learn.epoch - self.wait}: early stopping.')
             raise CancelFitException()
+
+    def state_dict(self):
+        "The best value and the epochs waited since, for a checkpoint."
+        return {**super().state_dict(), 'wait': self.wait}
+
+    def load_state_dict(self, state):
+        "Go on from a checkpoint's best value and wait."
+        super().load_state_dict(state)
+        self.wait = state['wait']
 
 # %% nbs/03b_callbacks.ipynb cell 13 (id: f839140c)
 class SaveModel(TrackerCallback):
@@ -81,15 +98,16 @@ class SaveModel(TrackerCallback):
             return
         super().after_epoch(learn)
         if self.new_best and not self.at_end:
-            print(f'Better model found at epoch {learn.epoch} with {self.monitor} value: {self.best:.6f}.')
+            if rank_distrib() == 0: print(f'Better model found at epoch {learn.epoch} with {self.monitor} value: {self.best:.6f}.')
             learn.save(self.fname, with_opt=self.with_opt)
 
     def after_fit(self, learn):
         if self.at_end: learn.save(self.fname, with_opt=self.with_opt)
-        elif not self.every_epoch and (learn.path / learn.model_dir / f'{self.fname}.pth').exists():
-            learn.load(self.fname, with_opt=self.with_opt)
+        elif not self.every_epoch:
+            distrib_barrier()             # several processes: rank 0 has written the file before anyone looks for it
+            if (learn.path / learn.model_dir / f'{self.fname}.pth').exists(): learn.load(self.fname, with_opt=self.with_opt)
 
-# %% nbs/03b_callbacks.ipynb cell 19 (id: 7ee98472)
+# %% nbs/03b_callbacks.ipynb cell 21 (id: 7ee98472)
 class ShowGraph(Callback):
     "Plot the training and validation losses: live under the progress bar in Jupyter, else once after training."
     order = 65
@@ -111,7 +129,7 @@ class ShowGraph(Callback):
     def after_fit(self, learn):
         if self._mbar(learn) is None and learn.recorder.losses: learn.recorder.plot_loss(skip_start=0)
 
-# %% nbs/03b_callbacks.ipynb cell 22 (id: 5a3e6f39)
+# %% nbs/03b_callbacks.ipynb cell 24 (id: 5a3e6f39)
 class GradientClip(Callback):
     "Clip the gradients' norm to `max_norm` after backward (unscaling them first under an fp16 GradScaler)."
     order = 20
@@ -122,7 +140,7 @@ class GradientClip(Callback):
         if scaler is not None and scaler.is_enabled(): scaler.unscale_(learn.opt)
         nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% nbs/03b_callbacks.ipynb cell 25 (id: 43f785da)
+# %% nbs/03b_callbacks.ipynb cell 27 (id: 43f785da)
 class MixedPrecision(Callback):
     "Autocast forward and loss to fp16 (with a GradScaler; CUDA's default) or bf16 (the CPU's); counts skipped steps."
     order = 10
@@ -151,7 +169,16 @@ class MixedPrecision(Callback):
 
     def cleanup_fit(self, learn): learn.scaler = None
 
-# %% nbs/03b_callbacks.ipynb cell 33 (id: ccf31ad0)
+    def state_dict(self):
+        "The GradScaler's state (its current scale) and the count of skipped steps, for a checkpoint."
+        return {'scaler': self.scaler.state_dict() if self.scaler is not None else {}, 'skipped': self.skipped}
+
+    def load_state_dict(self, state):
+        "Go on from a checkpoint's scale and count."
+        if self.scaler is not None and state['scaler']: self.scaler.load_state_dict(state['scaler'])
+        self.skipped = state['skipped']
+
+# %% nbs/03b_callbacks.ipynb cell 35 (id: ccf31ad0)
 class ChannelsLast(Callback):
     "Train in `channels_last` memory format: the model once, and every 4-d input batch."
     order = -5

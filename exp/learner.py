@@ -25,22 +25,28 @@ __all__ = ['Flatten',
            'torch_adamw',
            'trainable_params',
            'save_atomic',
+           'rank_distrib',
+           'num_distrib',
+           'distrib_barrier',
            'noop',
            'TextLogger',
+           'unwrap_model',
            'Learner',
            'format_time',
            'Recorder',
            'progress_mode',
            'ProgressCallback',
+           'GatherPreds',
            'mnist_convnet',
            'fashion_mnist_dls']
 
 # %% nbs/03_learner.ipynb cell 2 (id: 645d1ebd)
-import contextlib, copy, math, os, sys, tempfile, time
+import contextlib, copy, math, os, signal, sys, tempfile, threading, time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from exp.minibatch import DataLoaders, accuracy
@@ -61,9 +67,12 @@ def error_rate(inp, targ, axis=-1):
 
 # %% nbs/03_learner.ipynb cell 11 (id: 1af899ee)
 def default_device(use=None):
-    "The device to train on: CUDA if available, else MPS, else the CPU (`use=False` forces the CPU)."
+    "The device to train on: CUDA if available (under torchrun, GPU `LOCAL_RANK`), else MPS, else the CPU (`use=False`: CPU)."
     if use is False: return torch.device('cpu')
-    if torch.cuda.is_available(): return torch.device('cuda', torch.cuda.current_device())
+    if torch.cuda.is_available():
+        local = os.environ.get('LOCAL_RANK')
+        if local is not None and int(local) < torch.cuda.device_count(): return torch.device('cuda', int(local))
+        return torch.device('cuda', torch.cuda.current_device())
     mps = getattr(torch.backends, 'mps', None)
     if mps is not None and mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
@@ -245,9 +254,38 @@ def save_atomic(obj, path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
-# %% nbs/03_learner.ipynb cell 33 (id: 785e67be)
+
+def _fsync_dir(d):
+    "Make a rename in folder `d` durable (POSIX); where a folder cannot be opened (Windows) there is nothing to do."
+    try: fd = os.open(d, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+# %% nbs/03_learner.ipynb cell 33 (id: a49c4b81)
+def rank_distrib():
+    "This process's rank among those training together (0 alone): the process group's, else torchrun's `RANK`."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
+    return int(os.environ.get('RANK', 0))
+
+
+def num_distrib():
+    "How many processes train together (1 alone): the process group's size, else torchrun's `WORLD_SIZE`."
+    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
+    return int(os.environ.get('WORLD_SIZE', 1))
+
+
+def distrib_barrier():
+    "Wait until every process of the default process group gets here; a no-op without one."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return
+    if dist.get_backend() == 'nccl': dist.barrier(device_ids=[torch.cuda.current_device()])
+    else: dist.barrier()
+
+# %% nbs/03_learner.ipynb cell 36 (id: 785e67be)
 def noop(*args, **kwargs):
     "Do nothing (a logger that logs nothing)."
     return None
@@ -261,16 +299,23 @@ class TextLogger:
         line = '  '.join(str(s).ljust(w) for s, w in zip(items, self.widths))
         print(line.rstrip(), file=self.file or sys.stdout, flush=True)
 
-# %% nbs/03_learner.ipynb cell 36 (id: ba17131d)
+# %% nbs/03_learner.ipynb cell 39 (id: ba17131d)
 def _listify(o):
     if o is None: return []
     if isinstance(o, (list, tuple)): return list(o)
     return [o]
 
 
-def _unwrap(model):
-    "The module whose state_dict we save: `torch.compile(m)` wraps `m` as `_orig_mod`."
-    return getattr(model, '_orig_mod', model)
+def unwrap_model(model):
+    "The module inside the wrappers (what `save` saves): `torch.compile`'s `_orig_mod`, (Distributed)DataParallel's `module`."
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        else: return model
+
+
+class _FitInterrupted(CancelFitException):
+    "Raised by the loop at a batch boundary after Ctrl-C: the fit ends like a cancelled one."
 
 
 class Learner:
@@ -292,6 +337,7 @@ class Learner:
         self.training, self.epoch, self.n_epoch, self.start_epoch = False, 0, 1, 0
         self.iter, self.n_iter, self.train_iter, self.pct_train = 0, 0, 0, 0.
         self.xb, self.yb, self.pred, self.loss, self.dl = (), (), None, None, None
+        self.interrupted, self.sigint_received, self.interrupt_requested, self.defer_interrupt = None, False, False, False
         self._handlers, self._steps = {}, {}
         if default_cbs:
             self.recorder, self.progress = Recorder(), ProgressCallback()
@@ -419,6 +465,9 @@ class Learner:
             if self.training: self.pct_train = (self.epoch + self.iter / self.n_iter) / self.n_epoch
             self._with_events(self._one_batch, 'batch', CancelBatchException)
             if self.training: self.train_iter += 1
+            if self.interrupt_requested:                          # Ctrl-C: stop here, between two batches
+                self.interrupted = (self.epoch, self.iter, 'training' if self.training else 'validation')
+                raise _FitInterrupted()
 
     def _do_train(self):
         self.dl, self.training = self.dls.train, True
@@ -443,23 +492,60 @@ class Learner:
         for self.epoch in range(self.start_epoch, self.n_epoch):
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
-    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
-        "Train for `n_epoch` epochs (from `start_epoch`), at `lr` (default `self.lr`); `cbs` are added for this fit only."
-        with self.added_cbs(cbs):
+    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0, resume=None):
+        "Train for `n_epoch` epochs (from `start_epoch`, or after the last epoch checkpoint `resume` saved) at `lr`."
+        if resume is not None:
+            from exp.checkpoint import Resume                 # deferred: exp.checkpoint imports this module
+            cbs = _listify(cbs) + [Resume(resume)]
+        with self.added_cbs(cbs), self._sigint_stops_fit():
             if reset_opt or self.opt is None: self.create_opt()
             if wd is None: wd = self.wd
             if wd is not None: self.set_hyper('wd', wd)
             self.set_hyper('lr', self.lr if lr is None else lr)
             self.model.to(self.device)
             self.n_epoch, self.start_epoch, self.train_iter, self.pct_train = n_epoch, start_epoch, 0, 0.
+            self.interrupted = None
             try: self._with_events(self._do_fit, 'fit', CancelFitException)
             finally: self('cleanup_fit')
+        if self.interrupted is not None and rank_distrib() == 0:
+            e, b, phase = self.interrupted
+            print(f'fit interrupted at epoch {e}, {phase} batch {b}: stopped cleanly after that batch', flush=True)
+
+    @contextlib.contextmanager
+    def _sigint_stops_fit(self, grace=1.):
+        "While fitting, Ctrl-C asks the loop to stop at the next batch boundary; another, `grace` s later, stops at once."
+        self.sigint_received = self.interrupt_requested = False
+        main = threading.current_thread() is threading.main_thread()
+        prev = signal.getsignal(signal.SIGINT) if main else None
+        if prev is None or prev is signal.SIG_IGN:   # not the main thread, Ctrl-C ignored, or a handler not set from Python
+            yield
+            return
+        first = []
+        def on_sigint(signum, frame):
+            now = time.monotonic()
+            if first and now - first[0] > grace: raise KeyboardInterrupt   # the second Ctrl-C: no more waiting
+            if not first: first.append(now)          # (a copy within `grace`, e.g. from torchrun, is the same one)
+            self.sigint_received = True
+            if not self.defer_interrupt: self.interrupt_requested = True
+        signal.signal(signal.SIGINT, on_sigint)
+        try: yield
+        finally:
+            signal.signal(signal.SIGINT, prev)
+            self.interrupt_requested = False
 
     def validate(self, dl=None):
         "One validation pass over `dl` (default `dls.valid`); returns `[valid_loss, *metrics]` (needs the `Recorder`)."
         self.model.to(self.device)
         self._do_validate(dl)
         return [self.recorder.valid_loss.value] + [m.value for m in self.metrics]
+
+    def get_preds(self, dl=None, act=None):
+        "The model's outputs over `dl` (default `dls.valid`) and the targets, in order, on the CPU; `act` maps the outputs."
+        gp = GatherPreds()
+        self.model.to(self.device)
+        with self.added_cbs(gp): self._do_validate(dl)
+        preds, targs = (torch.cat(o).cpu() if o else torch.empty(0) for o in (gp.preds, gp.targs))
+        return (act(preds) if act is not None else preds), targs
 
     # ------------------------------------------------------------------ conveniences
     @contextlib.contextmanager
@@ -475,25 +561,33 @@ class Learner:
         with self.removed_cbs([cb for cb in self.cbs if isinstance(cb, ProgressCallback)]): yield self
 
     def save(self, file, with_opt=True):
-        "Save the model (and optimizer) state to `path/model_dir/file.pth` atomically; return that path."
+        "Save the model (and optimizer) state to `path/model_dir/file.pth` atomically (rank 0 only); return that path."
         file = self.path / self.model_dir / f'{file}.pth'
-        state = _unwrap(self.model).state_dict()
+        if rank_distrib() != 0: return file                  # the other processes hold the same weights
+        state = unwrap_model(self.model).state_dict()
         if with_opt and self.opt is not None: state = {'model': state, 'opt': self.opt.state_dict()}
         return save_atomic(state, file)
 
     def load(self, file, device=None, with_opt=True, strict=True):
-        "Load the state `save` wrote to `path/model_dir/file.pth` (`torch.load(weights_only=True)`)."
+        "Load the state `save` (or a `Checkpoint`) wrote to `path/model_dir/file.pth` (`torch.load(weights_only=True)`)."
+        distrib_barrier()                                    # rank 0 may still be writing it
         state = torch.load(self.path / self.model_dir / f'{file}.pth', map_location=device or self.device, weights_only=True)
-        has_opt = isinstance(state, dict) and set(state) == {'model', 'opt'}
-        _unwrap(self.model).load_state_dict(state['model'] if has_opt else state, strict=strict)
+        has_opt = isinstance(state, dict) and 'model' in state and set(state) <= {'model', 'opt', 'fit'}
+        unwrap_model(self.model).load_state_dict(state['model'] if has_opt else state, strict=strict)
+        has_opt = has_opt and 'opt' in state
         if has_opt and with_opt:
             if self.opt is None: self.create_opt()
             self.opt.load_state_dict(state['opt'])
         return self
 
+    def distrib_ctx(self, **kwargs):
+        "Context manager: train as one of the processes `torchrun` started (DDP, `exp.distributed`); alone, nothing changes."
+        from exp.distributed import distrib_ctx              # deferred: exp.distributed imports this module
+        return distrib_ctx(self, **kwargs)
+
     # ------------------------------------------------------------------ schedules (exp.schedules, 03a_schedules)
     def fit_one_cycle(self, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
-                      cbs=None, reset_opt=False, start_epoch=0, max_lr=None):
+                      cbs=None, reset_opt=False, start_epoch=0, max_lr=None, resume=None):
         "Fit with fastai's 1cycle policy: cosine lr warm-up to `lr_max`, then annealing; `max_lr` is fastai v1's name."
         from exp.schedules import ParamScheduler, one_cycle_scheds       # deferred: exp.schedules imports this module
         if max_lr is not None:
@@ -503,23 +597,23 @@ class Learner:
         lrs = np.array(lr_range(self.lr if lr_max is None else lr_max, len(self.opt.param_groups)))
         scheds = one_cycle_scheds(lrs if len(lrs) > 1 else lrs[0], div=div, div_final=div_final,
                                   pct_start=pct_start, moms=self.moms if moms is None else moms)
-        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _listify(cbs), start_epoch=start_epoch)
+        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _listify(cbs), start_epoch=start_epoch, resume=resume)
 
     def fit_flat_cos(self, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None, cbs=None, reset_opt=False,
-                     start_epoch=0):
+                     start_epoch=0, resume=None):
         "Fit at a flat `lr`, then cosine-anneal it for the last `1 - pct_start` of training (fastai's `fit_flat_cos`)."
         from exp.schedules import ParamScheduler, flat_cos_scheds
         if reset_opt or self.opt is None: self.create_opt()
         lrs = np.array(lr_range(self.lr if lr is None else lr, len(self.opt.param_groups)))
         scheds = flat_cos_scheds(lrs if len(lrs) > 1 else lrs[0], div_final=div_final, pct_start=pct_start)
-        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _listify(cbs), start_epoch=start_epoch)
+        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _listify(cbs), start_epoch=start_epoch, resume=resume)
 
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, show_plot=True, suggest_funcs=None):
         "Sweep the lr exponentially from `start_lr` to `end_lr`, stop when the loss diverges, restore the model; suggest lrs."
         from exp.schedules import lr_find_sweep
         return lr_find_sweep(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs)
 
-# %% nbs/03_learner.ipynb cell 38 (id: 0c922b75)
+# %% nbs/03_learner.ipynb cell 41 (id: 0c922b75)
 def format_time(t):
     "Format `t` seconds as mm:ss (h:mm:ss past an hour), like fastai's table."
     t = int(t)
@@ -567,6 +661,17 @@ class Recorder(Callback):
         row = [learn.epoch] + self.values[-1] + ([format_time(time.perf_counter() - self.start)] if self.add_time else [])
         learn.logger([_fmt(v) for v in row])
 
+    def state_dict(self):
+        "This fit's history so far (per-batch losses and hyper-parameters, per-epoch values), for a checkpoint."
+        losses = torch.stack(self._losses).float().cpu() if self._losses else torch.zeros(0)
+        return {'values': self.values, 'iters': self.iters, 'hps': self.hps, 'losses': losses}
+
+    def load_state_dict(self, state):
+        "Continue the history `state_dict` gave (a resumed fit calls this after `before_fit` has reset it)."
+        self.values, self.iters = [list(v) for v in state['values']], list(state['iters'])
+        self.hps = {k: list(v) for k, v in state['hps'].items()}
+        self._losses, self._floats = list(state['losses'].unbind()), []
+
     @property
     def lrs(self):
         "The learning rate (of the last param group) at each training batch."
@@ -606,7 +711,7 @@ class Recorder(Callback):
             ax.plot(self.hps[k]); ax.set_title(k); ax.set_xlabel('batch')
         return axs[0]
 
-# %% nbs/03_learner.ipynb cell 40 (id: c700e7d6)
+# %% nbs/03_learner.ipynb cell 43 (id: c700e7d6)
 _LOOKUP = object()
 
 
@@ -625,7 +730,7 @@ def progress_mode(shell=_LOOKUP, stream=None, env=None):
     except (AttributeError, ValueError, OSError): tty = False
     return 'tty' if tty and env.get('TERM') != 'dumb' else 'text'
 
-# %% nbs/03_learner.ipynb cell 43 (id: d73b087e)
+# %% nbs/03_learner.ipynb cell 46 (id: d73b087e)
 class ProgressCallback(Callback):
     "Progress bars with a live table in Jupyter or a terminal (fastprogress); in a log, one plain line per epoch."
     order = 45                                      # before the Recorder, which logs the table through us
@@ -669,7 +774,16 @@ class ProgressCallback(Callback):
         self.mbar.on_iter_end()
         learn.logger, self.mbar, self.pbar = self.old_logger, None, None
 
-# %% nbs/03_learner.ipynb cell 70 (id: 983abf14)
+# %% nbs/03_learner.ipynb cell 77 (id: 03366c11)
+class GatherPreds(Callback):
+    "Keep each validation batch's `pred` and first target (what `Learner.get_preds` concatenates)."
+    def before_validate(self, learn): self.preds, self.targs = [], []
+    def after_batch(self, learn):
+        if learn.training or learn.pred is None: return
+        self.preds.append(learn.pred.detach())
+        if learn.yb: self.targs.append(learn.yb[0].detach())
+
+# %% nbs/03_learner.ipynb cell 80 (id: 983abf14)
 def _conv(ni, nf): return nn.Conv2d(ni, nf, kernel_size=3, stride=2, padding=1)
 
 
