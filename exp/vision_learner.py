@@ -201,7 +201,12 @@ def create_vision_model(arch, n_out, pretrained=True, cut=None, n_in=3, custom_h
     if path is not None: load_body_weights(body, model, path)
     nf = num_features_model(body, n_in=n_in)
     head = custom_head if custom_head is not None else init_cnn(create_head(nf, n_out, concat_pool=concat_pool, **head_kwargs))
-    return nn.Sequential(body, head)
+    model = nn.Sequential(body, head)
+    name = getattr(arch, '__name__', None)
+    if custom_head is None and name is not None:    # how it was built, as plain data, so `learn.export()` can describe it
+        model.arch_spec = {'name': 'vision_model', 'kwargs': {'arch': name, 'n_out': n_out, 'n_in': n_in, 'cut': cut,
+                           'concat_pool': concat_pool, 'arch_kwargs': arch_kwargs or None, **head_kwargs}}
+    return model
 
 # %% nbs/06a_vision_learner.ipynb cell 25 (id: aa8eef28)
 def _params(m): return list(m.parameters())
