@@ -128,13 +128,13 @@ class BatchFlipShift:
 class TimeBudget(Callback):
     "Drive the schedules by wall-clock time: `pct_train` = elapsed / `seconds`; stop the fit when `seconds` have passed."
     order = -20                              # before ParamScheduler reads pct_train
-    def __init__(self, seconds): self.seconds = seconds
+    def __init__(self, seconds, clock=time.perf_counter): self.seconds, self.clock = seconds, clock
 
-    def before_fit(self, learn): self.start, self.n_batches, self.elapsed = time.perf_counter(), 0, 0.
+    def before_fit(self, learn): self.start, self.n_batches, self.elapsed = self.clock(), 0, 0.
 
     def before_batch(self, learn):
         if not learn.training: return
-        self.elapsed = time.perf_counter() - self.start
+        self.elapsed = self.clock() - self.start
         if self.elapsed >= self.seconds: raise CancelFitException()
         learn.pct_train = self.elapsed / self.seconds
         self.n_batches += 1

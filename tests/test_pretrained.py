@@ -1,6 +1,6 @@
 """Pretrained weights for vision_learner, offline: torchvision's real loading code on a checkpoint written into a
 temporary torch hub cache, a fast clear failure when the file is missing, and weights from a local file."""
-import time
+import socket
 
 import pytest
 import torch
@@ -57,10 +57,10 @@ def test_cached_checkpoint_loads_through_torchvision(hub):
     assert learn.model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
-def test_missing_checkpoint_fails_fast_with_instructions(hub):
-    t = time.perf_counter()
+def test_missing_checkpoint_fails_without_network_with_instructions(hub, monkeypatch):
+    def no_network(*args, **kwargs): raise AssertionError('a network connection was attempted')
+    monkeypatch.setattr(socket.socket, 'connect', no_network)
     with pytest.raises(FileNotFoundError) as e: vision_learner(tensor_dls(), resnet34, n_out=4)
-    assert time.perf_counter() - t < 10
     msg = str(e.value)
     assert str(hub / 'torch_home' / 'hub' / 'checkpoints' / 'resnet34-b627a593.pth') in msg
     assert 'pretrained=False' in msg and "pretrained='path" in msg and 'https://download.pytorch.org/models/' in msg
