@@ -19,7 +19,7 @@ from exp.core import defaults, num_cpus
 from exp.data import URLs, untar_data
 from exp.datablock import CategoryBlock, DataBlock, GrandparentSplitter, get_image_files, parent_label
 from exp.export import load_learner
-from exp.interpret import ClassificationInterpretation, collect_preds
+from exp.interpret import ClassificationInterpretation
 from exp.learner import Learner, mnist_convnet
 from exp.minibatch import accuracy
 from exp.vision import ImageBlock, Normalize, PILImageBW
@@ -75,8 +75,8 @@ def main(argv=None):
     print(f'wrote {fname} ({fname.stat().st_size / 1e3:.0f} kB)')
     learn_inf = load_learner(fname)
     items = dls.valid_ds.items
-    preds, _ = collect_preds(learn)
-    preds_inf, _ = collect_preds(learn_inf, dl=learn_inf.dls.test_dl(items))
+    preds, _ = learn.get_preds()
+    preds_inf, _ = learn_inf.get_preds(dl=learn_inf.dls.test_dl(items))
     same = torch.equal(preds_inf, preds)
     print(f'load_learner({fname.name}) on {len(items)} test images: predictions {"identical" if same else "DIFFERENT"} '
           f'(max |difference| {(preds_inf - preds).abs().max().item():.1e})')

@@ -8,7 +8,7 @@ Each recipe trains an XResNet from exp.xresnet on the 60,000 training images hel
 image decoding), with one-cycle AdamW driven by the clock (exp.xresnet.TimeBudget: the schedule warms up, peaks
 and anneals over the time budget, whatever the machine's speed today), bf16 autocast and channels_last
 (exp.callbacks), label smoothing and flips; it is then evaluated on the 10,000 test images, plain and with
-test-time flips (exp.vision_learner.tta). Training seconds are measured in-process around `fit` (no validation
+test-time flips (exp.vision_learner.flip_tta). Training seconds are measured in-process around `fit` (no validation
 runs during training); evaluation is timed separately. The script prints the machine's load (the 1-minute load
 average before and after), since on a shared 2-core machine that, more than anything, sets how many batches fit in
 the budget.
@@ -30,7 +30,7 @@ from exp.callbacks import ChannelsLast, MixedPrecision
 from exp.data import load_fashion_mnist
 from exp.learner import Learner, TensorLoader
 from exp.minibatch import DataLoaders
-from exp.vision_learner import tta
+from exp.vision_learner import flip_tta
 from exp.xresnet import BatchFlipShift, TimeBudget, xresnet_mini, xresnet_small
 
 RECIPES = {
@@ -68,8 +68,8 @@ def run(name, seed=0, seconds=None):
     with learn.no_logging(): learn.fit_one_cycle(10_000, r['lr'], cbs=clock)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    probs, targs = tta(learn, test, flip=True)
-    plain, _ = tta(learn, test, flip=False)
+    probs, targs = flip_tta(learn, dl=test)
+    plain, _ = learn.get_preds(dl=test)
     eval_s = time.perf_counter() - t1
     return dict(recipe=name, seed=seed, settings=r, train_s=train_s, eval_s=eval_s, batches=clock.n_batches,
                 epochs=clock.n_batches * r['bs'] / len(dls.train.tensors[0]), acc=(plain.argmax(1) == targs).float().mean().item(),

@@ -22,8 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Subset
 
-from exp.learner import (Callback, GatherPreds, TensorLoader, distrib_barrier, find_bs, noop, num_distrib,
-                         rank_distrib, unwrap_model)
+from exp.learner import (Callback, GatherPreds, TensorLoader, cat_batches, distrib_barrier, find_bs, noop, num_distrib,
+                         rank_distrib, to_cpu, unwrap_model)
 
 if dist.is_available(): import torch.distributed.nn   # before any process group exists: see "leaving" below
 
@@ -156,13 +156,13 @@ def reduce_metrics(metrics):
     for m, (total, count) in zip(ms, t.tolist()): m.total, m.count = torch.tensor(total), int(count)
 
 
-def gather_cat(tensors):
-    "Concatenate the tensors of every process, process after process, on the CPU."
-    local = torch.cat(tensors).cpu() if len(tensors) else None
+def gather_cat(batches):
+    "Every process's `batches` (tensors, or tuples of them) concatenated, process after process, on the CPU: a list of one batch (`[]` if none)."
+    local = cat_batches([to_cpu(b) for b in batches])
     pieces = [None] * dist.get_world_size()
     dist.all_gather_object(pieces, local)
     pieces = [p for p in pieces if p is not None]
-    return torch.cat(pieces) if pieces else torch.empty(0)
+    return [cat_batches(pieces)] if pieces else []
 
 
 def replica_max_diff(model):
@@ -236,7 +236,8 @@ class DistributedTrainer(Callback):
         rec = getattr(learn, 'recorder', None)
         reduce_metrics(([rec.valid_loss] if rec is not None else []) + list(learn.metrics))
         for cb in learn.cbs:
-            if isinstance(cb, GatherPreds): cb.preds, cb.targs = [gather_cat(cb.preds)], [gather_cat(cb.targs)]
+            if isinstance(cb, GatherPreds):
+                for k in ('inputs', 'preds', 'targs', 'losses'): setattr(cb, k, gather_cat(getattr(cb, k)))
 
     def after_fit(self, learn): sync_buffers(unwrap_model(learn.model))
 

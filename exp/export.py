@@ -358,7 +358,7 @@ def _describe_loss(lf):
             if name is not None: return {'loss': name}
     except ExportDescriptionError: pass
     warnings.warn(f'export: loss function {lf!r} cannot be described as data; the loaded learner will use '
-                  f'nn.CrossEntropyLoss() (predictions do not depend on it; collect_preds(with_loss=True) and '
+                  f'nn.CrossEntropyLoss() (predictions do not depend on it; learn.get_preds(with_loss=True) and '
                   f'ClassificationInterpretation do)', stacklevel=3)
     return None
 

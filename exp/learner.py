@@ -36,6 +36,12 @@ __all__ = ['Flatten',
            'Recorder',
            'progress_mode',
            'ProgressCallback',
+           'to_cpu',
+           'cat_batches',
+           'item_losses',
+           'loss_activation',
+           'loss_decodes',
+           'in_order',
            'GatherPreds',
            'mnist_convnet',
            'fashion_mnist_dls']
@@ -415,9 +421,10 @@ class Learner:
         return [get_group_hyper(g, name) for g in self.opt.param_groups]
 
     # ------------------------------------------------------------------ the steps (callbacks may replace them)
-    def predict(self):
-        "Step: `self.pred = self.model(*self.xb)`."
-        self.pred = self.model(*self.xb)
+    def predict(self, item=None, rm_type_tfms=None, with_input=False):
+        "The `predict` step (no `item`: `self.pred = self.model(*self.xb)`); with an `item`, fastai's `(label, index, probabilities)` for it."
+        if item is None: self.pred = self.model(*self.xb)
+        else: return self._predict_item(item, rm_type_tfms, with_input)
 
     def get_loss(self):
         "Step: `self.loss = self.loss_func(self.pred, *self.yb)`."
@@ -539,13 +546,41 @@ class Learner:
         self._do_validate(dl)
         return [self.recorder.valid_loss.value] + [m.value for m in self.metrics]
 
-    def get_preds(self, dl=None, act=None):
-        "The model's outputs over `dl` (default `dls.valid`) and the targets, in order, on the CPU; `act` maps the outputs."
-        gp = GatherPreds()
+    def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, act=None, cbs=None):
+        "fastai's `get_preds`: `(inputs?, preds, targs, decoded?, losses?)` over `dl` (default: loader `ds_idx`, in order), on the CPU."
+        if dl is None: dl = in_order(self.dls.valid if ds_idx == 1 else self.dls.train if ds_idx == 0 else self.dls[ds_idx])
+        gather = GatherPreds(with_input, with_loss)
         self.model.to(self.device)
-        with self.added_cbs(gp): self._do_validate(dl)
-        preds, targs = (torch.cat(o).cpu() if o else torch.empty(0) for o in (gp.preds, gp.targs))
-        return (act(preds) if act is not None else preds), targs
+        with self.added_cbs(_listify(cbs) + [gather]): self._do_validate(dl)
+        preds = cat_batches(gather.preds)
+        if preds is None: preds = torch.empty(0)
+        elif isinstance(preds, torch.Tensor): preds = (act or loss_activation(self.loss_func))(preds)
+        targs = cat_batches(gather.targs)
+        if isinstance(targs, tuple) and len(targs) == 1: targs = targs[0]
+        res = [preds, targs]
+        if with_decoded: res.append(loss_decodes(self.loss_func, preds))
+        if with_loss: res.append(cat_batches(gather.losses))
+        if with_input:
+            inp = cat_batches(gather.inputs)
+            res.insert(0, inp[0] if isinstance(inp, tuple) and len(inp) == 1 else inp)
+        return tuple(res)
+
+    def _predict_item(self, item, rm_type_tfms=None, with_input=False):
+        if not hasattr(self.dls, 'test_dl'):
+            raise TypeError(f'learn.predict(item) needs loaders that can process a new item (dls.test_dl), like those of a '
+                            f'DataBlock or ImageDataLoaders; these are {type(self.dls).__name__}. For tensors use '
+                            f'learn.model(x), or learn.get_preds(dl=...) over a loader.')
+        dl = self.dls.test_dl([_as_item(item)], rm_type_tfms=rm_type_tfms or 0, num_workers=0)
+        inp, preds, _, dec_preds = self.get_preds(dl=dl, with_input=True, with_decoded=True)
+        inps = inp if isinstance(inp, tuple) else (inp,)
+        decs = dec_preds if isinstance(dec_preds, tuple) else (dec_preds,)
+        sample = self.dls.decode_batch((*inps, *decs), max_n=1)[0]
+        n_inp = len(inps)
+        dec = sample[n_inp:]
+        dec = dec[0] if len(dec) == 1 else dec
+        label = str(dec) if hasattr(dec, 'obj') else dec       # a decoded Category reads as its label, like fastai's (a str)
+        res = (label, dec_preds[0], preds[0])
+        return ((sample[0] if n_inp == 1 else sample[:n_inp]),) + res if with_input else res
 
     # ------------------------------------------------------------------ conveniences
     @contextlib.contextmanager
@@ -775,15 +810,95 @@ class ProgressCallback(Callback):
         learn.logger, self.mbar, self.pbar = self.old_logger, None, None
 
 # %% nbs/03_learner.ipynb cell 77 (id: 03366c11)
-class GatherPreds(Callback):
-    "Keep each validation batch's `pred` and first target (what `Learner.get_preds` concatenates)."
-    def before_validate(self, learn): self.preds, self.targs = [], []
-    def after_batch(self, learn):
-        if learn.training or learn.pred is None: return
-        self.preds.append(learn.pred.detach())
-        if learn.yb: self.targs.append(learn.yb[0].detach())
+def to_cpu(o):
+    "Tensors in `o` (a tensor or a tuple of them) detached on the CPU; half precision made float32, tensor subclasses kept."
+    if isinstance(o, torch.Tensor):
+        t = o.detach()
+        if t.dtype in (torch.float16, torch.bfloat16): t = t.float()
+        t = t.cpu()
+        return t if type(o) is torch.Tensor else t.as_subclass(type(o))
+    if isinstance(o, tuple): return tuple(to_cpu(x) for x in o)
+    return o
 
-# %% nbs/03_learner.ipynb cell 80 (id: 983abf14)
+
+def cat_batches(bs):
+    "Concatenate a list of batches (tensors, tuples of them, or lists of items), keeping tensor subclasses; None if empty."
+    if not bs: return None
+    b0 = bs[0]
+    if isinstance(b0, tuple): return tuple(cat_batches([b[i] for b in bs]) for i in range(len(b0)))
+    if not isinstance(b0, torch.Tensor): return [o for b in bs for o in b]
+    res = torch.cat([b.as_subclass(torch.Tensor) for b in bs])
+    return res if type(b0) is torch.Tensor else res.as_subclass(type(b0))
+
+
+def item_losses(loss_func, pred, *yb):
+    "The loss of each item of the batch: `loss_func` unreduced (a `reduction='none'` copy, the keyword, or item by item)."
+    n, res = pred.shape[0], None
+    if hasattr(loss_func, 'reduction'):
+        lf = copy.copy(loss_func)
+        lf.reduction = 'none'
+        res = lf(pred, *yb)
+    else:
+        try: res = loss_func(pred, *yb, reduction='none')
+        except TypeError: res = None
+    if res is None or res.ndim == 0 or res.shape[0] != n:
+        res = torch.stack([loss_func(pred[i:i + 1], *[y[i:i + 1] for y in yb]) for i in range(n)])
+    return res.reshape(n, -1).mean(1) if res.ndim > 1 else res
+
+
+def _is_cross_entropy(lf):
+    f = getattr(lf, 'func', lf)                                  # a functools.partial shows its function
+    name = type(f).__name__ if isinstance(f, nn.Module) else getattr(f, '__name__', type(f).__name__)
+    return 'crossentropy' in name.lower().replace('_', '')
+
+
+def loss_activation(loss_func):
+    "What turns outputs into predictions: `loss_func.activation`, else softmax for cross-entropy losses, else the identity."
+    act = getattr(loss_func, 'activation', None)
+    if act is not None: return act
+    return (lambda x: torch.softmax(x, dim=-1)) if _is_cross_entropy(loss_func) else (lambda x: x)
+
+
+def loss_decodes(loss_func, preds):
+    "Decoded predictions: `loss_func.decodes(preds)`, else argmax for cross-entropy losses, else `preds`."
+    dec = getattr(loss_func, 'decodes', None)
+    if dec is not None: return dec(preds)
+    return preds.argmax(dim=-1) if _is_cross_entropy(loss_func) else preds
+
+
+def in_order(dl):
+    "`dl` in order, with its last partial batch: what predictions over a dataset need."
+    if hasattr(dl, 'new'): return dl.new(shuffle=False, drop_last=False)
+    if getattr(dl, 'shuffle', False) or getattr(dl, 'drop_last', False):
+        dl = copy.copy(dl)
+        dl.shuffle, dl.drop_last = False, False
+    return dl
+
+
+def _as_item(item):
+    "Uploaded-file shapes to something `PILImage.create` opens: an ipywidgets 8 upload dict's content, a memoryview's bytes."
+    if isinstance(item, dict) and 'content' in item: item = item['content']
+    if isinstance(item, memoryview): item = item.tobytes()
+    return item
+
+
+class GatherPreds(Callback):
+    "Keep each validation batch's predictions (and targets, inputs, per-item losses), then skip the Learner's loss."
+    order = 100
+    def __init__(self, with_input=False, with_loss=False): self.with_input, self.with_loss = with_input, with_loss
+
+    def before_validate(self, learn): self.inputs, self.preds, self.targs, self.losses = [], [], [], []
+
+    def after_pred(self, learn):
+        if self.with_input: self.inputs.append(to_cpu(learn.xb))
+        self.preds.append(to_cpu(learn.pred))
+        if learn.yb:
+            self.targs.append(to_cpu(learn.yb))
+            if self.with_loss:
+                with torch.no_grad(): self.losses.append(to_cpu(item_losses(learn.loss_func, learn.pred, *learn.yb)))
+        raise CancelBatchException()
+
+# %% nbs/03_learner.ipynb cell 82 (id: 983abf14)
 def _conv(ni, nf): return nn.Conv2d(ni, nf, kernel_size=3, stride=2, padding=1)
 
 

@@ -26,7 +26,8 @@ __all__ = ['resnet18',
            'fine_tune',
            'ModelSummary',
            'summary',
-           'tta']
+           'FlipInputs',
+           'flip_tta']
 
 # %% nbs/06a_vision_learner.ipynb cell 2 (id: 96c8f254)
 import os, warnings
@@ -37,10 +38,9 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from exp.callbacks import MixedPrecision
 from exp.core import listify
 from exp.hooks import init_cnn, num_features_model
-from exp.learner import Flatten, Learner, torch_adamw
+from exp.learner import Callback, Flatten, Learner, in_order, torch_adamw
 from exp.vision import Normalize, imagenet_stats
 
 # %% nbs/06a_vision_learner.ipynb cell 5 (id: 619a2385)
@@ -376,26 +376,17 @@ def summary(learn):
     return res
 
 # %% nbs/06a_vision_learner.ipynb cell 35 (id: d1e89778)
-def tta(learn, dl=None, flip=True):
-    "Probabilities averaged over each image and (if `flip`) its left-right mirror, with the targets: `(probs, targets)` on `dl` (default valid)."
-    dl = dl if dl is not None else learn.dls.valid
-    mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
-    dev = learn.device
-    dtype = getattr(mp, 'dtype', None) or (torch.float16 if dev.type in ('cuda', 'mps') else torch.bfloat16)
-    n_inp = getattr(learn.dls, 'n_inp', 1)
-    model, training = learn.model, learn.model.training
-    probs, targs = [], []
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=mp is not None):
-            for b in dl:
-                x, y = b[0].to(dev), b[n_inp].to(dev)
-                p = model(x).float().softmax(-1)
-                if flip: p = (p + model(x.flip(-1)).float().softmax(-1)) / 2
-                probs.append(p); targs.append(y)
-    finally: model.train(training)
-    return torch.cat(probs), torch.cat(targs)
+class FlipInputs(Callback):
+    "Mirror each batch's inputs left-right before the model sees them (for test-time flips)."
+    def before_batch(self, learn): learn.xb = tuple(x.flip(-1) for x in learn.xb)
+
+
+def flip_tta(learn, ds_idx=1, dl=None):
+    "Probabilities averaged over each image and its left-right mirror, and the targets: `(probs, targets)` (default: the validation set)."
+    preds, targs = learn.get_preds(ds_idx, dl=dl)
+    flipped, _ = learn.get_preds(ds_idx, dl=dl, cbs=FlipInputs())
+    return (preds + flipped) / 2, targs
 
 # %% nbs/06a_vision_learner.ipynb cell 37 (id: bab887a1)
 Learner.freeze_to, Learner.freeze, Learner.unfreeze = freeze_to, freeze, unfreeze
-Learner.fine_tune, Learner.summary, Learner.tta = fine_tune, summary, tta
+Learner.fine_tune, Learner.summary = fine_tune, summary

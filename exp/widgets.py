@@ -12,7 +12,8 @@ from IPython.display import display
 from ipywidgets import Box, Button, Dropdown, FileUpload, Image as ImageWidget, Label, Layout, Output, VBox
 
 from exp.core import L
-from exp.interpret import _ordered, collect_preds, to_thumb
+from exp.interpret import to_thumb
+from exp.learner import in_order
 from exp.vision import ImageReadError, PILImage
 
 # %% nbs/07b_widgets.ipynb cell 5 (id: ddbf084b)
@@ -70,9 +71,9 @@ class ImagesCleaner:
 
 def _losses_by_item(learn, ds_idx):
     "`(item, label, loss)` for each item of split `ds_idx`, in dataset order."
-    dl = _ordered(learn.dls[ds_idx])
+    dl = in_order(learn.dls[ds_idx])
     if not getattr(dl, 'n', 0): return L()
-    _, targs, losses = collect_preds(learn, dl=dl, with_loss=True)
+    _, targs, losses = learn.get_preds(dl=dl, with_loss=True)
     vocab = learn.dls.vocab
     return L(zip(dl.dataset.items, [vocab[int(t)] for t in targs], losses.tolist()))
 

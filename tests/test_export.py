@@ -13,7 +13,6 @@ from exp.datablock import CategoryBlock, DataBlock, RandomSplitter, Transform, g
 from exp.export import (ExportDescriptionError, ExportFormatError, _ARCHS, _pack, _unpack, build_arch, load_learner,
                         read_export, register_arch)
 from exp.hooks import get_cnn
-from exp.interpret import collect_preds
 from exp.learner import Learner
 from exp.minibatch import accuracy
 from exp.vision import ImageBlock, Normalize, PILImage, Resize, TensorImage
@@ -66,8 +65,8 @@ def test_round_trip_predictions_equal(trained):
     learn, fn = trained
     learn_inf = load_learner(fn)
     items = learn.dls.valid_ds.items
-    p0, t0 = collect_preds(learn)
-    p1, t1 = collect_preds(learn_inf, dl=learn_inf.dls.test_dl(items))
+    p0, t0 = learn.get_preds()
+    p1, t1 = learn_inf.get_preds(dl=learn_inf.dls.test_dl(items))
     assert t1 is None and len(p0) == len(items) == 10
     assert torch.equal(p0, p1)                                            # equal, not merely close
     assert list(learn_inf.dls.vocab) == list(learn.dls.vocab) == ['dark', 'light']
@@ -124,7 +123,7 @@ def test_gpu_export_loads_on_cpu(trained, tmp_path):
     inf = load_learner(tmp_path / 'export.pkl')
     assert {p.device.type for p in inf.model.parameters()} == {'cpu'}
     items = learn.dls.valid_ds.items
-    assert torch.allclose(collect_preds(inf, dl=inf.dls.test_dl(items))[0], collect_preds(learn)[0], atol=1e-5)
+    assert torch.allclose(inf.get_preds(dl=inf.dls.test_dl(items))[0], learn.get_preds()[0], atol=1e-5)
 
 
 # ------------------------------------------------------------------ unsafe files are refused, and nothing runs
@@ -261,7 +260,7 @@ def test_registered_architecture_round_trip(trained, tmp_path):
         inf = load_learner(tmp_path / 'export.pkl')
         assert inf.model.arch_spec == {'name': 'TinyNet', 'kwargs': {'n_out': 2}}
         items = learn.dls.valid_ds.items
-        assert torch.equal(collect_preds(inf, dl=inf.dls.test_dl(items))[0], collect_preds(lrn)[0])
+        assert torch.equal(inf.get_preds(dl=inf.dls.test_dl(items))[0], lrn.get_preds()[0])
     finally: _ARCHS.pop('TinyNet', None)
     with pytest.raises(ExportFormatError, match=r"register_arch\('TinyNet', factory\) before"): load_learner(tmp_path / 'export.pkl')
 
