@@ -45,6 +45,8 @@ def parse(argv=None):
     "The command line."
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--model', choices=['convnet', 'mlp'], default='convnet')
+    ap.add_argument('--data', choices=['tensors', 'datablock'], default='tensors',
+                    help='in-memory tensors, or a DataBlock over the PNG files (decoded by each process)')
     ap.add_argument('--n-train', type=int, default=12000, help='training images used (of 60,000)')
     ap.add_argument('--n-valid', type=int, default=10000, help='validation images used (of 10,000)')
     ap.add_argument('--bs', type=int, default=128, help='the global batch size')
@@ -59,13 +61,29 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def get_dls(args):
+    "The first `n_train` training and `n_valid` test images: tensors in memory, or PNG files through a DataBlock."
+    if args.data == 'tensors':
+        dls = fashion_mnist_dls(bs=args.bs, n_train=args.n_train)
+        return DataLoaders(dls.train, TensorLoader(*(t[:args.n_valid] for t in dls.valid.tensors), bs=dls.valid.bs))
+    from exp.data import URLs, untar_data
+    from exp.datablock import CategoryBlock, DataBlock, GrandparentSplitter, get_image_files, parent_label
+    from exp.vision import ImageBlock, Normalize, PILImageBW
+    limit = {'training': args.n_train, 'testing': args.n_valid}
+    def first_files(path):                         # the PNGs are numbered per split: 00000.png, 00001.png...
+        return get_image_files(path).filter(lambda f: int(f.stem) < limit[f.parent.parent.name])
+    block = DataBlock(blocks=(ImageBlock(PILImageBW), CategoryBlock), get_items=first_files, get_y=parent_label,
+                      splitter=GrandparentSplitter(train_name='training', valid_name='testing'),
+                      batch_tfms=Normalize(0.286, 0.353))
+    return block.dataloaders(untar_data(URLs.FASHION_MNIST_PNG), bs=args.bs, num_workers=0, device='cpu')
+
+
 def main(argv=None):
     "Train, evaluate, and report from rank 0."
     args = parse(argv)
     if args.threads: torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dls = fashion_mnist_dls(bs=args.bs, n_train=args.n_train)
-    dls = DataLoaders(dls.train, TensorLoader(*(t[:args.n_valid] for t in dls.valid.tensors), bs=dls.valid.bs))
+    dls = get_dls(args)
     learn = Learner(dls, get_model(args.model), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, path=args.out or '.')
     cbs = [Checkpoint()] if args.checkpoint else []
     if args.ctrl_c_at: cbs.append(CtrlCAt(*map(int, args.ctrl_c_at.split(','))))

@@ -20,6 +20,7 @@ __all__ = ['get_files',
            'TfmdDL',
            'get_grid',
            'show_sample',
+           'TfmdDLShard',
            'TfmdDataLoaders',
            'TransformBlock',
            'CategoryBlock',
@@ -599,6 +600,10 @@ class TfmdDL:
         i = random.randrange(self.n)
         return self.finish_batch(collate_samples([self.create_item(i) for _ in range(n)]))
 
+    def shard(self, rank, world_size, train=True, order=None):
+        "Process `rank`'s part of this loader among `world_size` processes (see `TfmdDLShard`); `order(n)`: the agreed shuffle."
+        return TfmdDLShard(self, rank, world_size, train, order)
+
     def __repr__(self):
         return f'{type(self).__name__}: {self.n} items, bs={self.bs}, {len(self)} batches, shuffle={self.shuffle}, device={self.device}'
 
@@ -623,7 +628,40 @@ def show_sample(sample, ax=None, **kwargs):
         if hasattr(o, 'show'): ax = o.show(ax=ax, **kwargs)
     return ax
 
-# %% nbs/04_datablock.ipynb cell 59 (id: 79e3b982)
+# %% nbs/04_datablock.ipynb cell 50 (id: 36fab8a1)
+class TfmdDLShard(TfmdDL):
+    "Process `rank`'s view of TfmdDL `dl` shared by `world_size` processes: its slice of every global batch (`train`), else a contiguous share."
+    def __init__(self, dl, rank, world_size, train=True, order=None):
+        if not 0 <= rank < world_size: raise ValueError(f'rank {rank} is not in 0..{world_size - 1}')
+        self.__dict__.update(dl.__dict__)                     # the same dataset, pipelines, device and workers
+        self.parent, self.rank, self.world_size, self.train, self.order = dl, rank, world_size, train, order
+        self.bs = math.ceil(dl.bs / world_size)               # items per process in one step
+
+    def _share(self): return torch.arange(self.parent.n).tensor_split(self.world_size)[self.rank].tolist()
+
+    def __len__(self):
+        if self.train: return len(self.parent)                # every process takes part in every global batch
+        return math.ceil(len(self._share()) / self.bs)
+
+    def batch_idxs(self):
+        "This process's lists of indices for one pass."
+        p, W = self.parent, self.world_size
+        if not self.train:
+            share = self._share()
+            return [share[i:i + self.bs] for i in range(0, len(share), self.bs)]
+        idxs = (self.order(p.n) if self.order is not None else torch.randperm(p.n).tolist()) if p.shuffle else list(range(p.n))
+        res = []
+        for i in range(0, len(p) * p.bs, p.bs):
+            j = idxs[i:i + p.bs]
+            if len(j) % W: j = j + idxs[:W - len(j) % W]      # pad so that every slice has the same size
+            res.append(j[self.rank * len(j) // W:(self.rank + 1) * len(j) // W])
+        return res
+
+    def new(self, dataset=None, **kwargs):
+        "The same shard of `self.parent.new(dataset, **kwargs)`."
+        return type(self)(self.parent.new(dataset, **kwargs), self.rank, self.world_size, self.train, self.order)
+
+# %% nbs/04_datablock.ipynb cell 63 (id: 79e3b982)
 class TfmdDataLoaders(DataLoaders):
     "`DataLoaders` of `TfmdDL`s: adds `vocab`, `c`, `train_ds`, `one_batch`, `show_batch`, `test_dl`, `device`, `path`..."
     def __init__(self, *loaders, path='.', device=None):
@@ -769,7 +807,7 @@ class TfmdDataLoaders(DataLoaders):
         return (f'{type(self).__name__}: {len(self.train.dataset)} train, {len(self.valid.dataset)} valid items, '
                 f'bs={self.bs}, device={self.device}' + (f', vocab={self.vocab!r}' if self.vocab is not None else ''))
 
-# %% nbs/04_datablock.ipynb cell 61 (id: f55d805c)
+# %% nbs/04_datablock.ipynb cell 65 (id: f55d805c)
 class TransformBlock:
     "What a `DataBlock` needs to know about one element of a sample: `type_tfms`, and the `item_tfms`/`batch_tfms` it requires."
     def __init__(self, type_tfms=None, item_tfms=None, batch_tfms=None):
@@ -797,7 +835,7 @@ def _getter(g):
     t.is_getter = True
     return t
 
-# %% nbs/04_datablock.ipynb cell 62 (id: 7ad52f7b)
+# %% nbs/04_datablock.ipynb cell 66 (id: 7ad52f7b)
 class DataBlock:
     "A recipe for `DataLoaders`: `blocks` (types), `get_items`, `splitter`, `get_x`/`get_y`, `item_tfms` and `batch_tfms`."
     def __init__(self, blocks=None, n_inp=None, item_tfms=None, batch_tfms=None, get_items=None, splitter=None,
@@ -871,7 +909,7 @@ def dataloaders_from_dsets(dsets, item_tfms=None, batch_tfms=None, path='.', bs=
     if norm: dls.normalize()                         # Normalize() without stats: from one training batch
     return dls
 
-# %% nbs/04_datablock.ipynb cell 64 (id: d399ff1d)
+# %% nbs/04_datablock.ipynb cell 68 (id: d399ff1d)
 def _short(o):
     if isinstance(o, torch.Tensor):
         return f'{type(o).__name__} of size {"x".join(map(str, o.shape))} ({str(o.dtype).replace("torch.", "")})'

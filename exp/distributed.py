@@ -5,6 +5,7 @@ __all__ = ['local_rank_distrib',
            'teardown_distrib',
            'broadcast_tensor',
            'DistributedTensorLoader',
+           'agreed_order',
            'shard_loader',
            'reduce_metrics',
            'gather_cat',
@@ -122,16 +123,22 @@ def _torch_loader_kwargs(dl):
     return kw
 
 
+def agreed_order(n):
+    "A random order of `n` items that every process shares: rank 0's `torch.randperm(n)` (as one process would draw it), sent to all."
+    idx = torch.empty(n, dtype=torch.long) if rank_distrib() != 0 and _in_group() else torch.randperm(n)
+    return broadcast_tensor(idx).tolist()
+
+
 def shard_loader(dl, rank=None, world_size=None, train=True, seed=0):
     "The part of loader `dl` that process `rank` of `world_size` iterates: for training, its slice of each global batch."
     rank = rank_distrib() if rank is None else rank
     world_size = num_distrib() if world_size is None else world_size
     if isinstance(dl, (DistributedTensorLoader,)) or isinstance(getattr(dl, 'sampler', None), DistributedSampler): return dl
     if isinstance(dl, TensorLoader): return DistributedTensorLoader(dl, rank, world_size, train)
-    if hasattr(dl, 'shard'): return dl.shard(rank, world_size, train)
+    if hasattr(dl, 'shard'): return dl.shard(rank, world_size, train, order=agreed_order)
     if not isinstance(dl, DataLoader):
         raise TypeError(f'cannot split a {type(dl).__name__} between processes: use a TensorLoader or a torch DataLoader, '
-                        'or give it a shard(rank, world_size, train) method')
+                        'or give it a shard(rank, world_size, train, order) method')
     if isinstance(dl.dataset, IterableDataset) or dl.batch_size is None:
         raise TypeError('cannot split a DataLoader over an IterableDataset or with a batch_sampler: '
                         'build one per process with a DistributedSampler')

@@ -1,7 +1,8 @@
 """Several processes, checkpoints and interruptions, end to end with real processes and real signals.
 
 - DDP through torchrun: 2 processes, gloo on the CPU, Fashion-MNIST, the same script as alone: the
-  replicas stay identical and match one process with the same global batch (weights within 1e-5).
+  replicas stay identical and match one process with the same global batch (weights within 1e-5), with
+  in-memory tensors and with a DataBlock over the PNG files (TfmdDL shards itself).
 - Ctrl-C (a real SIGINT) in one of the 2 processes stops both cleanly at the same batch; resuming the
   checkpoint in new processes ends on the weights of the uninterrupted run (within 1e-6; 0 here).
 - The same alone: a one-cycle fit stopped by SIGINT and resumed in a fresh process equals the fit run
@@ -110,6 +111,22 @@ def test_ddp_two_processes_match_one(ddp):
     assert two['n_preds'] == 2000 and torch.equal(p2['targs'], p1['targs'])   # gathered, in order
     assert torch.allclose(p2['preds'], p1['preds'], atol=1e-4)
     assert stdout.count('train_loss') == 1 and stdout.count('trained in') == 1   # only rank 0 prints
+
+
+def test_ddp_datablock_loaders_match_one_process(tmp_path):
+    "The data block's TfmdDL shards itself: 2 processes decoding PNG files take the steps one process takes."
+    args = [*MLP, '--data', 'datablock']
+    two_out, one_out = tmp_path / 'two', tmp_path / 'one'
+    job = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(EXAMPLE),
+                            *args, '--out', str(two_out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    one = in_this_process(one_out, args)
+    _, two = results(two_out, job)
+    assert two['world_size'] == 2 and two['replica_max_diff'] == 0.0 and two['same_numbers_everywhere']
+    assert max_diff(weights(two_out), weights(one_out)) < 1e-5
+    assert torch.allclose(torch.tensor(two['values']), torch.tensor(one['values']), atol=1e-5)
+    p1, p2 = (torch.load(d / 'preds.pth', weights_only=True) for d in (one_out, two_out))
+    assert two['n_preds'] == 2000 and torch.equal(p2['targs'], p1['targs'])
+    assert torch.allclose(p2['preds'], p1['preds'], atol=1e-4)
 
 
 def test_ddp_ctrl_c_in_one_process_then_resume(ddp, tmp_path):
