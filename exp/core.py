@@ -7,11 +7,13 @@ __all__ = ['num_cpus',
            'listify',
            'uniqueify',
            'L',
-           'parallel']
+           'parallel',
+           'atomic_write']
 
 # %% nbs/00a_core.ipynb cell 2 (id: 39168441)
-import itertools, os
+import contextlib, itertools, os, tempfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 # %% nbs/00a_core.ipynb cell 5 (id: b83466dc)
@@ -183,3 +185,32 @@ def parallel(f, items, n_workers=None, progress=False):
             res.append(r)
             if bar is not None: bar.update(i + 1)
     return L(res)
+
+# %% nbs/00a_core.ipynb cell 24 (id: 86db44d2)
+def _fsync_dir(d):
+    "Make a rename in folder `d` durable (POSIX); where a folder cannot be opened (Windows) there is nothing to do."
+    try: fd = os.open(d, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb'):
+    "Context manager yielding a file whose content replaces `path` only if the block succeeds (same-folder temp file, fsync, `os.replace`)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        mask = os.umask(0); os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)                        # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)

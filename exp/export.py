@@ -15,7 +15,7 @@ __all__ = ['EXPORT_FORMAT',
            'load_learner']
 
 # %% nbs/07a_export.ipynb cell 2 (id: d530c562)
-import hashlib, inspect, io, json, os, struct, tempfile, warnings, zipfile
+import hashlib, inspect, io, json, struct, warnings, zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exp import __version__ as _exp_version
+from exp.core import atomic_write
 from exp.datablock import TfmdDataLoaders
 from exp.hooks import GeneralRelu
 import exp.interpret as _interpret          # loaded learners get predict/show_results from it
@@ -51,25 +52,6 @@ def _pack(header, payload):
     "The bytes of an export file: magic, header length, JSON header, weights."
     hb = json.dumps(header, separators=(',', ':'), allow_nan=False).encode('utf-8')
     return [_MAGIC, struct.pack('<Q', len(hb)), hb, payload]
-
-
-def _write_atomic(path, chunks):
-    "Write `chunks` to `path` through a temporary file in the same folder and `os.replace`: readers see the old file or the new one, never half."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            for c in chunks: f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0); os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)                        # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 # %% nbs/07a_export.ipynb cell 7 (id: 7aec3ce5)
 _TORCH_LAYERS = ('Conv1d', 'Conv2d', 'Conv3d', 'ConvTranspose1d', 'ConvTranspose2d', 'Linear', 'Bilinear', 'Embedding',
@@ -399,7 +381,10 @@ def _export(self, fname='export.pkl'):
     header = learner_description(self)
     payload = st_save(_weights(self.model))
     header['weights'] = {'bytes': len(payload), 'sha256': hashlib.sha256(payload).hexdigest()}
-    return _write_atomic(Path(self.path) / fname, _pack(header, payload))
+    path = Path(self.path) / fname
+    with atomic_write(path) as f:
+        for chunk in _pack(header, payload): f.write(chunk)
+    return path
 
 # %% nbs/07a_export.ipynb cell 23 (id: 5bb09471)
 def _looks_like(data):

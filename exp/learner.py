@@ -47,7 +47,7 @@ __all__ = ['Flatten',
            'fashion_mnist_dls']
 
 # %% nbs/03_learner.ipynb cell 2 (id: 645d1ebd)
-import contextlib, copy, math, os, signal, sys, tempfile, threading, time
+import contextlib, copy, math, os, signal, sys, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from exp.core import atomic_write
 from exp.minibatch import DataLoaders, accuracy
 
 # %% nbs/03_learner.ipynb cell 5 (id: 71acfc0d)
@@ -247,30 +248,9 @@ def trainable_params(m):
 
 # %% nbs/03_learner.ipynb cell 29 (id: 5099d0b1)
 def save_atomic(obj, path):
-    "`torch.save(obj)` to `path` through a temporary file in the same folder and `os.replace`: never a partial file."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(d):
-    "Make a rename in folder `d` durable (POSIX); where a folder cannot be opened (Windows) there is nothing to do."
-    try: fd = os.open(d, os.O_RDONLY)
-    except OSError: return
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
+    "`torch.save(obj)` to `path` through `atomic_write`: the previous file stays whole until the new one is complete."
+    with atomic_write(path) as f: torch.save(obj, f)
+    return Path(path)
 
 # %% nbs/03_learner.ipynb cell 33 (id: a49c4b81)
 def rank_distrib():

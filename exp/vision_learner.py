@@ -40,7 +40,7 @@ from torch import nn
 
 from exp.core import listify
 from exp.hooks import init_cnn, num_features_model
-from exp.learner import Callback, Flatten, Learner, in_order, torch_adamw
+from exp.learner import Callback, Flatten, Learner, torch_adamw
 from exp.vision import Normalize, imagenet_stats
 
 # %% nbs/06a_vision_learner.ipynb cell 5 (id: 619a2385)
