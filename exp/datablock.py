@@ -458,8 +458,7 @@ def _to(b, device):
 
 
 def resolve_device(device=None):
-    "`device` as a `torch.device`; None means `defaults.device`, else `exp.learner.default_device()` (CUDA when there is one)."
-    if device is None: device = defaults.device
+    "`device` as a `torch.device`; None means `exp.learner.default_device()` (`defaults.device` if set, else CUDA when there is one)."
     return torch.device(device) if device is not None else default_device()
 
 # %% nbs/04_datablock.ipynb cell 43 (id: 1407ae16)

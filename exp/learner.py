@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from exp.core import atomic_write
+from exp.core import atomic_write, defaults
 from exp.minibatch import DataLoaders, accuracy
 
 # %% nbs/03_learner.ipynb cell 5 (id: 71acfc0d)
@@ -74,8 +74,9 @@ def error_rate(inp, targ, axis=-1):
 
 # %% nbs/03_learner.ipynb cell 11 (id: 1af899ee)
 def default_device(use=None):
-    "The device to train on: CUDA if available (under torchrun, GPU `LOCAL_RANK`), else MPS, else the CPU (`use=False`: CPU)."
+    "The device to train on: `defaults.device` if set, else CUDA (under torchrun, GPU `LOCAL_RANK`), else MPS, else the CPU (`use=False`: CPU)."
     if use is False: return torch.device('cpu')
+    if defaults.device is not None: return torch.device(defaults.device)
     if torch.cuda.is_available():
         local = os.environ.get('LOCAL_RANK')
         if local is not None and int(local) < torch.cuda.device_count(): return torch.device('cuda', int(local))
