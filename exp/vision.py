@@ -56,6 +56,9 @@ class ImageReadError(OSError):
 
 
 _TVIO = None
+_TVIO_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision are deprecated'
+
+
 def _tvio():
     "torchvision.io if it still has its PNG/JPEG decoders (imported on first use: it takes a second), else False."
     global _TVIO
@@ -63,6 +66,7 @@ def _tvio():
         try:
             import torchvision.io as tio
             _TVIO = tio if hasattr(tio, 'decode_png') and hasattr(tio, 'decode_jpeg') else False
+            warnings.filterwarnings('ignore', message=_TVIO_DEPRECATION, category=DeprecationWarning)
         except ImportError: _TVIO = False
     return _TVIO
 
