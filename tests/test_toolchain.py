@@ -285,3 +285,9 @@ def test_forks_survive_a_caller_that_already_ran_torch(proj):
     make_nb(proj / 'nbs/01_t.ipynb', 'import torch\nassert (torch.randn(300, 300) @ torch.eye(300)).shape == (300, 300)')
     (r,) = run(proj, '01_t.ipynb', timeout=60)
     assert r.passed, r.report
+
+
+def test_default_threads_leave_busy_cores_alone():
+    assert rn.default_threads(2, 1, load=0.1) == 2 and rn.default_threads(2, 2, load=0.1) == 1
+    assert rn.default_threads(2, 1, load=1.8) == 1 and rn.default_threads(2, 1, load=7.0) == 1   # never 0
+    assert rn.default_threads(16, 2, load=0.0) == 8 and rn.default_threads(16, 2, load=8.2) == 4
