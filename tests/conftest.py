@@ -12,6 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def write_settings(root: Path, lib: str, description: str, **extra) -> Path:
+    "A fixture project's settings.ini (library `lib`, notebooks in nbs/), with `extra` settings; returns `root`."
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ['[DEFAULT]', f'lib_name = {lib}', f'lib_path = {lib}', 'nbs_path = nbs', f'version = {extra.pop("version", "0.0.1")}',
+             f'description = {description}', *(f'{k} = {v}' for k, v in extra.items())]
+    (root / 'settings.ini').write_text('\n'.join(lines) + '\n')
+    return root
+
+
 def pytest_addoption(parser):
     parser.addoption('--slow', action='store_true', help='also run cells and notebooks marked #slow')
     parser.addoption('--nb-workers', type=int, default=None, help='notebooks run at once (default: cores)')

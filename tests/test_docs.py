@@ -11,7 +11,7 @@
   the index. It skips, saying why, with EXP_BROWSER_TESTS=0 or where playwright or chromium is missing
   (`./dev setup` installs both; EXP_CHROMIUM names another chromium binary).
 """
-import ast, base64, functools, http.server, io, os, re, shutil, subprocess, sys, textwrap, threading
+import ast, base64, functools, http.server, io, os, re, shutil, subprocess, sys, threading
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urlparse
 
@@ -20,7 +20,7 @@ import pytest
 from bs4 import BeautifulSoup
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from conftest import ROOT
+from conftest import ROOT, write_settings
 import notebook2script as n2s
 
 PY = sys.executable
@@ -61,15 +61,7 @@ CORE_CELLS = [
 
 def make_project(root: Path, extra_core_cells=()) -> Path:
     "settings.ini, nbs/00_core.ipynb and nbs/01_more.ipynb (with a saved plot), and the library they export."
-    root.mkdir(parents=True, exist_ok=True)
-    (root / 'settings.ini').write_text(textwrap.dedent('''\
-        [DEFAULT]
-        lib_name = fixlib
-        lib_path = fixlib
-        nbs_path = nbs
-        version = 0.0.1
-        description = a fixture project for the docs
-        '''))
+    write_settings(root, 'fixlib', 'a fixture project for the docs')
     cells = [new_markdown_cell(c[1]) if isinstance(c, tuple) else new_code_cell(c) for c in [*CORE_CELLS, *extra_core_cells]]
     cells[5].outputs = [new_output('display_data', data={'image/png': png(), 'text/plain': '<Figure size 40x24>'}),
                         new_output('execute_result', data={'text/plain': "'hello x!'"}, execution_count=1)]

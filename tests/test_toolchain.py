@@ -4,14 +4,14 @@ The fixture notebooks are real .ipynb files written with nbformat; the scripts r
 subprocesses where their command-line behaviour is under test, in-process otherwise: same code, and
 the warm pytest process keeps the suite fast).
 """
-import json, os, subprocess, sys, textwrap, time
+import json, os, subprocess, sys, time
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from conftest import ROOT
+from conftest import ROOT, write_settings
 import notebook2script as n2s
 import run_notebook as rn
 
@@ -30,15 +30,7 @@ def make_nb(path: Path, *cells, metadata=None):
 @pytest.fixture
 def proj(tmp_path):
     "A minimal project: settings.ini, nbs/, lib `mylib/` importable via PYTHONPATH."
-    (tmp_path / 'settings.ini').write_text(textwrap.dedent('''\
-        [DEFAULT]
-        lib_name = mylib
-        lib_path = mylib
-        nbs_path = nbs
-        version = 1.2.3
-        description = fixture project
-        cell_timeout = 60
-        '''))
+    write_settings(tmp_path, 'mylib', 'fixture project', version='1.2.3', cell_timeout=60)
     (tmp_path / 'nbs').mkdir()
     return tmp_path
 
