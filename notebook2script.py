@@ -251,6 +251,14 @@ def plan(cfg: dict, selected: list[Path] | None = None):
         if selected is not None and p not in selected: continue
         try: modules[name] = build_module(p, nb, root)
         except ExportError as e: errors.append(str(e))
+    for name, p in owners.items():                # `a` (a.py) and `a.b` (a package a/) cannot both exist: one hides the other
+        parts = name.split('.')
+        for pkg in ('.'.join(parts[:i]) for i in range(1, len(parts))):
+            if pkg in owners:
+                errors.append(f'{rel(owners[pkg], root)} and {rel(p, root)}: module {cfg["lib_name"]}.{pkg} and '
+                              f'{cfg["lib_name"]}.{name} (which makes {pkg} a package) cannot both exist '
+                              f'(give one a different `#default_exp NAME`)')
+                modules.pop(pkg, None); modules.pop(name, None)
     return modules, errors, owners
 
 

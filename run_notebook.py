@@ -200,6 +200,8 @@ def run_in_child(shell, nb_path: Path, cfg: dict, slow: bool, threads: int, send
     res = Result(name)
     os.environ['EXP_IN_TEST'] = '1'
     os.environ.setdefault('OMP_NUM_THREADS', str(threads))
+    # `!python ...` in a cell means this interpreter (its venv), as in an activated venv, not whatever is first on PATH
+    os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
     try:
         import torch
         torch.set_num_threads(threads)

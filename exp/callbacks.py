@@ -7,7 +7,11 @@ __all__ = ['TerminateOnNaN',
            'ShowGraph',
            'GradientClip',
            'MixedPrecision',
-           'ChannelsLast']
+           'ChannelsLast',
+           'to_fp16',
+           'to_bf16',
+           'to_fp32',
+           'to_channelslast']
 
 # %% nbs/03b_callbacks.ipynb cell 2 (id: e27e6883)
 import math
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exp.learner import Callback, CancelFitException, distrib_barrier, rank_distrib
+from exp.learner import Callback, CancelFitException, Learner, distrib_barrier, rank_distrib
 
 # %% nbs/03b_callbacks.ipynb cell 6 (id: 39277d5b)
 class TerminateOnNaN(Callback):
@@ -186,3 +190,33 @@ class ChannelsLast(Callback):
 
     def before_batch(self, learn):
         learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in learn.xb)
+
+# %% nbs/03b_callbacks.ipynb cell 40 (id: 966a3646)
+def _set_precision(learn, dtype):
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, MixedPrecision)])
+    if dtype is not None: learn.add_cb(MixedPrecision(dtype))
+    return learn
+
+
+def to_fp16(self):
+    "Train with float16 mixed precision and a gradient scaler (adds `MixedPrecision(torch.float16)`); returns the learner."
+    return _set_precision(self, torch.float16)
+
+
+def to_bf16(self):
+    "Train with bfloat16 mixed precision (adds `MixedPrecision(torch.bfloat16)`); returns the learner."
+    return _set_precision(self, torch.bfloat16)
+
+
+def to_fp32(self):
+    "Train in full precision again (removes `MixedPrecision`); returns the learner."
+    return _set_precision(self, None)
+
+
+def to_channelslast(self):
+    "Train in `channels_last` memory format (adds `ChannelsLast` once); returns the learner."
+    if not any(isinstance(cb, ChannelsLast) for cb in self.cbs): self.add_cb(ChannelsLast())
+    return self
+
+
+Learner.to_fp16, Learner.to_bf16, Learner.to_fp32, Learner.to_channelslast = to_fp16, to_bf16, to_fp32, to_channelslast

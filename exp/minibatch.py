@@ -154,8 +154,9 @@ def sgd_mom_step(p, lr, mom=0., grad_avg=None, **kwargs):
 
 
 def SGD(params, lr, mom=0., wd=0.):
-    "SGD as an `Optimizer`: decoupled weight decay, then a plain or momentum step (torch's SGD, `momentum=mom`)."
-    return Optimizer(params, [weight_decay, sgd_mom_step], lr=lr, mom=mom, wd=wd)
+    "SGD as an `Optimizer` (fastai's): decoupled weight decay, then a plain step (`mom=0`) or a momentum step (torch's SGD, `momentum=mom`)."
+    steppers = [weight_decay, sgd_step] if mom == 0 else [weight_decay, average_grad, momentum_step]
+    return Optimizer(params, steppers, lr=lr, mom=mom, wd=wd)
 
 # %% nbs/02b_minibatch.ipynb cell 42 (id: d6b9e6d1)
 class Dataset:

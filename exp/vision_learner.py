@@ -38,6 +38,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+import exp.callbacks                                   # Learner.to_fp16, to_bf16, to_channelslast (03b)
 from exp.core import listify
 from exp.hooks import init_cnn, num_features_model
 from exp.learner import Callback, Flatten, Learner, torch_adamw

@@ -55,6 +55,22 @@ def test_pyproject_mirrors_settings():
     assert exp.__version__ == s['version']
 
 
+def test_constraints_pin_every_requirement_as_settings_do():
+    "constraints.txt (what ./dev setup installs with) pins every requirement, and agrees with settings.ini's own pins."
+    lock = {}
+    for line in (ROOT / 'constraints.txt').read_text().splitlines():
+        if line and not line.startswith('#'):
+            name, version = line.split('==')
+            lock[re.sub(r'[-_.]+', '-', name).lower()] = version
+    for req in settings()['requirements'].split() + settings()['dev_requirements'].split():
+        name, _, pin = req.partition('==')
+        key = re.sub(r'[-_.]+', '-', name).lower()
+        assert key in lock, f'{name} is not in constraints.txt (run ./dev lock)'
+        if pin: assert lock[key] == pin, f'{name}: settings.ini pins {pin}, constraints.txt {lock[key]}'
+    import torch
+    assert torch.__version__.split('+')[0] == lock['torch'], 'the installed torch is not the locked one (run ./dev setup)'
+
+
 def test_torch_pair_is_pinned_together():
     "torchvision wheels are built against one torch: the pins must move together."
     reqs = dict(r.split('==') for r in settings()['requirements'].split() if '==' in r)

@@ -114,6 +114,12 @@ def test_collision_and_invalid_module_name_name_both_notebooks(proj):
     r = export(proj, '--all')
     assert r.returncode == 1 and "nbs/04_bad-name.ipynb: module name 'bad-name' is not a valid" in r.stderr
     assert (proj / 'mylib/core.py').exists() and (proj / 'mylib/other.py').exists()   # the good ones still written
+    make_nb(proj / 'nbs/05_sub.ipynb', '#default_exp core.sub', '#export\nW = 1')      # would turn core.py into a package
+    r = export(proj, '--all')
+    assert r.returncode == 1
+    assert ('nbs/01_core.ipynb and nbs/05_sub.ipynb: module mylib.core and mylib.core.sub (which makes core a package) '
+            'cannot both exist') in r.stderr
+    assert not (proj / 'mylib/core').exists() and (proj / 'mylib/core.py').exists()
 
 
 def test_invalid_json_and_syntax_error_are_one_clear_line_and_write_nothing(proj):
@@ -150,7 +156,8 @@ def test_runs_magics_shell_and_rich_display(proj):
             '%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);',
             'import os\nassert os.environ["EXP_IN_TEST"] == "1"\nassert os.getcwd().endswith("nbs")\n41 + 1',
             'from PIL import Image\nImage.new("RGB", (4, 4))',                      # a cell whose value is bytes-backed
-            '!printf "a\\r\\nb\\n"')
+            '!printf "a\\r\\nb\\n"',
+            'import sys\npy = !python -c "import sys; print(sys.prefix)"\nassert py == [sys.prefix], (py, sys.prefix)')
     (r,) = run(proj, '01_ipy.ipynb')
     assert r.passed, r.report
     kinds = {c: [(o['output_type'], sorted(o.get('data', {}))) for o in outs] for c, (_, outs) in r.outputs.items()}
