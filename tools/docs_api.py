@@ -213,6 +213,7 @@ def collect(cfg: dict) -> tuple[list[ModuleDoc], list[str]]:
             here = f'{where_nb}: cell {cell}: ' if cell else f'{rel(path, root)}: '
             if not hasattr(mod, name):
                 problems.append(f'{here}{modname}.{name} is in __all__ but not defined'); continue
+            if node is None: continue        # re-exported (exp.all): documented where it is defined
             obj = getattr(mod, name)
             qual = f'{modname}.{name}'
             kind = _kind(obj)
