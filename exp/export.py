@@ -28,7 +28,7 @@ from exp.core import atomic_write
 from exp.datablock import TfmdDataLoaders
 from exp.hooks import GeneralRelu
 import exp.interpret as _interpret          # loaded learners get predict/show_results from it
-from exp.learner import Flatten, Learner, default_device, error_rate
+from exp.learner import Flatten, Learner, default_device, error_rate, rank_distrib
 from exp.minibatch import accuracy, cross_entropy
 from exp.regularization import LabelSmoothingCrossEntropy
 from exp.vision import ImageDataLoaders
@@ -376,12 +376,13 @@ def _weights(model):
 
 
 def _export(self, fname='export.pkl'):
-    "Save this learner for inference in `path/fname` (fastai's name; not a pickle): a JSON description and safetensors weights, written atomically."
+    "Save this learner for inference in `path/fname` (fastai's name; not a pickle): a JSON description and safetensors weights, written atomically (rank 0 only)."
+    path = Path(self.path) / fname
+    if rank_distrib() != 0: return path                 # under DDP every process holds the same weights
     from safetensors.torch import save as st_save
     header = learner_description(self)
     payload = st_save(_weights(self.model))
     header['weights'] = {'bytes': len(payload), 'sha256': hashlib.sha256(payload).hexdigest()}
-    path = Path(self.path) / fname
     with atomic_write(path) as f:
         for chunk in _pack(header, payload): f.write(chunk)
     return path

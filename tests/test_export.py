@@ -281,3 +281,12 @@ def test_writes_are_atomic(trained, monkeypatch):
     monkeypatch.undo()
     assert fn.read_bytes() == before
     assert not [p for p in fn.parent.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_only_rank_0_writes_the_export(trained, monkeypatch):
+    learn, _ = trained
+    monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2')
+    assert learn.export('rank1.pkl') == learn.path / 'rank1.pkl' and not (learn.path / 'rank1.pkl').exists()
+    monkeypatch.setenv('RANK', '0')
+    learn.export('rank0.pkl')
+    assert (learn.path / 'rank0.pkl').exists()

@@ -140,6 +140,10 @@ def test_download_images(server, tmp_path):
     url_file = tmp_path / 'urls.txt'; url_file.write_text('\n'.join(urls[:1] * 3) + '\n')
     got = download_images(tmp_path / 'dl2', url_file, max_pics=2)
     assert [f.name for f in got] == ['00000000.png', '00000001.png']
+    again = download_images(dest, [f'{server}/good2.jpg', f'{server}/good.png'])      # the same folder: numbered on
+    assert [f.name for f in again] == ['00000005.jpg', '00000006.png']
+    assert again[0].read_bytes() == (tmp_path / 'www' / 'good2.jpg').read_bytes()
+    assert len(list(dest.iterdir())) == 4
 
 
 # ------------------------------------------------------------------ the DataBlock API
