@@ -5,6 +5,8 @@ __all__ = ['get_files',
            'get_image_files',
            'parent_label',
            'RegexLabeller',
+           'empty_label_folders',
+           'warn_empty_label_folders',
            'RandomSplitter',
            'GrandparentSplitter',
            'FuncSplitter',
@@ -89,7 +91,28 @@ class RegexLabeller:
 
     def __repr__(self): return f'RegexLabeller({self.pat!r})'
 
-# %% nbs/04_datablock.ipynb cell 17 (id: 49f0cf73)
+# %% nbs/04_datablock.ipynb cell 16 (id: 1705b142)
+def _no_file_in(d): return next((f for f in d.rglob('*') if f.is_file() and not f.name.startswith('.')), None) is None
+
+
+def empty_label_folders(items):
+    "Folders beside those holding `items` (their siblings, not hidden) with no file in them: with `parent_label`, classes without items."
+    parents = {Path(o).parent for o in items}
+    return L(sorted(d for g in {p.parent for p in parents} if g.is_dir() for d in g.iterdir()
+                    if d.is_dir() and not d.name.startswith('.') and d not in parents and _no_file_in(d)))
+
+
+def warn_empty_label_folders(items, root=None):
+    "Warn, naming them (relative to `root`), about the class folders `empty_label_folders(items)` finds."
+    empty = empty_label_folders(items)
+    if not empty: return
+    def show(d):
+        try: return str(d.relative_to(root)) if root is not None else str(d)
+        except ValueError: return str(d)
+    warnings.warn(f'{len(empty)} empty class folder(s), no images, so no class: {", ".join(show(d) for d in empty[:5])}'
+                  f'{", ..." if len(empty) > 5 else ""}', stacklevel=3)
+
+# %% nbs/04_datablock.ipynb cell 19 (id: 49f0cf73)
 class RandomSplitter:
     "Split items at random, `valid_pct` for validation; with a `seed`, the same split every time (the global RNG is untouched)."
     def __init__(self, valid_pct=0.2, seed=None): self.valid_pct, self.seed = valid_pct, seed
@@ -137,7 +160,7 @@ class IndexSplitter:
 
     def __repr__(self): return f'IndexSplitter(<{len(listify(self.valid_idx))} indices>)'
 
-# %% nbs/04_datablock.ipynb cell 21 (id: 6828ff09)
+# %% nbs/04_datablock.ipynb cell 23 (id: 6828ff09)
 class CategoryMap(L):
     "The vocab of a categorical label: the unique values (sorted unless `sort=False`) as an `L`, and `o2i` back to indices."
     def __init__(self, col, sort=True, add_na=False):
@@ -165,7 +188,7 @@ class Category:
         else: ax.set_title(str(self.obj))
         return ax
 
-# %% nbs/04_datablock.ipynb cell 25 (id: 2af92e02)
+# %% nbs/04_datablock.ipynb cell 27 (id: 2af92e02)
 def _plain(o):
     "`o` as JSON-able plain data (lists, dicts, numbers, strings), or TypeError."
     if o is None or isinstance(o, (bool, str)): return o
@@ -270,7 +293,7 @@ class Transform:
         except TypeError: return self.name
         return f'{self.name} -- {args}' if args else self.name
 
-# %% nbs/04_datablock.ipynb cell 27 (id: be1a36d3)
+# %% nbs/04_datablock.ipynb cell 29 (id: be1a36d3)
 def _mk_tfm(f):
     if isinstance(f, Transform): return f
     if isinstance(f, type) and issubclass(f, Transform): return f()
@@ -311,7 +334,7 @@ class Pipeline:
     def __iter__(self): return iter(self.fs)
     def __repr__(self): return 'Pipeline: ' + (' -> '.join(t.name for t in self.fs) if self.fs else '(empty)')
 
-# %% nbs/04_datablock.ipynb cell 28 (id: 5a95dae2)
+# %% nbs/04_datablock.ipynb cell 30 (id: 5a95dae2)
 class Categorize(Transform):
     "Encode a label as its index in `vocab` (built from the training labels at setup when not given); decode to a `Category`."
     order = 1
@@ -332,7 +355,7 @@ class Categorize(Transform):
 
     def decodes(self, i): return Category(self.vocab[int(i)], int(i))
 
-# %% nbs/04_datablock.ipynb cell 37 (id: fb68fe25)
+# %% nbs/04_datablock.ipynb cell 39 (id: fb68fe25)
 def _check_valid_labels(dsets):
     "Raise if some validation labels are missing from a vocab built from the training labels."
     if len(dsets.splits) < 2 or not len(dsets.splits[1]): return
@@ -400,7 +423,7 @@ class Datasets:
         shown = ','.join(repr(self[i]) for i in range(n))
         return f'(#{len(self)}) [{shown}{",..." if len(self) > n else ""}]'
 
-# %% nbs/04_datablock.ipynb cell 42 (id: a9bd6ed5)
+# %% nbs/04_datablock.ipynb cell 44 (id: a9bd6ed5)
 def _collate1(xs):
     x0 = xs[0]
     if isinstance(x0, torch.Tensor):
@@ -461,7 +484,7 @@ def resolve_device(device=None):
     "`device` as a `torch.device`; None means `exp.learner.default_device()` (`defaults.device` if set, else CUDA when there is one)."
     return torch.device(device) if device is not None else default_device()
 
-# %% nbs/04_datablock.ipynb cell 43 (id: 1407ae16)
+# %% nbs/04_datablock.ipynb cell 45 (id: 1407ae16)
 class _BatchFetcher(torch.utils.data.Dataset):
     "What a torch worker runs: build one whole collated batch of `dl` from a list of indices."
     def __init__(self, dl): self.dl = dl
@@ -606,7 +629,7 @@ class TfmdDL:
     def __repr__(self):
         return f'{type(self).__name__}: {self.n} items, bs={self.bs}, {len(self)} batches, shuffle={self.shuffle}, device={self.device}'
 
-# %% nbs/04_datablock.ipynb cell 45 (id: 38760605)
+# %% nbs/04_datablock.ipynb cell 47 (id: 38760605)
 def get_grid(n, nrows=None, ncols=None, figsize=None, imsize=3, title=None):
     "A flat list of `n` matplotlib axes in a `nrows`×`ncols` grid (unused axes hidden)."
     import matplotlib.pyplot as plt
@@ -627,7 +650,7 @@ def show_sample(sample, ax=None, **kwargs):
         if hasattr(o, 'show'): ax = o.show(ax=ax, **kwargs)
     return ax
 
-# %% nbs/04_datablock.ipynb cell 50 (id: 36fab8a1)
+# %% nbs/04_datablock.ipynb cell 52 (id: 36fab8a1)
 class TfmdDLShard(TfmdDL):
     "Process `rank`'s view of TfmdDL `dl` shared by `world_size` processes: its slice of every global batch (`train`), else a contiguous share."
     def __init__(self, dl, rank, world_size, train=True, order=None):
@@ -660,7 +683,7 @@ class TfmdDLShard(TfmdDL):
         "The same shard of `self.parent.new(dataset, **kwargs)`."
         return type(self)(self.parent.new(dataset, **kwargs), self.rank, self.world_size, self.train, self.order)
 
-# %% nbs/04_datablock.ipynb cell 63 (id: 79e3b982)
+# %% nbs/04_datablock.ipynb cell 65 (id: 79e3b982)
 class TfmdDataLoaders(DataLoaders):
     "`DataLoaders` of `TfmdDL`s: adds `vocab`, `c`, `train_ds`, `one_batch`, `show_batch`, `test_dl`, `device`, `path`..."
     def __init__(self, *loaders, path='.', device=None):
@@ -806,7 +829,7 @@ class TfmdDataLoaders(DataLoaders):
         return (f'{type(self).__name__}: {len(self.train.dataset)} train, {len(self.valid.dataset)} valid items, '
                 f'bs={self.bs}, device={self.device}' + (f', vocab={self.vocab!r}' if self.vocab is not None else ''))
 
-# %% nbs/04_datablock.ipynb cell 65 (id: f55d805c)
+# %% nbs/04_datablock.ipynb cell 67 (id: f55d805c)
 class TransformBlock:
     "What a `DataBlock` needs to know about one element of a sample: `type_tfms`, and the `item_tfms`/`batch_tfms` it requires."
     def __init__(self, type_tfms=None, item_tfms=None, batch_tfms=None):
@@ -834,7 +857,7 @@ def _getter(g):
     t.is_getter = True
     return t
 
-# %% nbs/04_datablock.ipynb cell 66 (id: 7ad52f7b)
+# %% nbs/04_datablock.ipynb cell 68 (id: 7ad52f7b)
 class DataBlock:
     "A recipe for `DataLoaders`: `blocks` (types), `get_items`, `splitter`, `get_x`/`get_y`, `item_tfms` and `batch_tfms`."
     def __init__(self, blocks=None, n_inp=None, item_tfms=None, batch_tfms=None, get_items=None, splitter=None,
@@ -874,6 +897,8 @@ class DataBlock:
     def datasets(self, source, verbose=False):
         "The `Datasets` of the items `get_items(source)` found, split and set up (the vocab comes from training labels)."
         items, splits = self._items_splits(source)
+        if self.getters[self.n_inp] is parent_label:
+            warn_empty_label_folders(items, source if isinstance(source, (str, Path)) else None)
         if verbose: print(f'Found {len(items)} items; {len(splits)} datasets of sizes {",".join(str(len(s)) for s in splits)}')
         return Datasets(items, tfms=self._pipelines(), splits=splits, n_inp=self.n_inp)
 
@@ -908,7 +933,7 @@ def dataloaders_from_dsets(dsets, item_tfms=None, batch_tfms=None, path='.', bs=
     if norm: dls.normalize()                         # Normalize() without stats: from one training batch
     return dls
 
-# %% nbs/04_datablock.ipynb cell 68 (id: d399ff1d)
+# %% nbs/04_datablock.ipynb cell 70 (id: d399ff1d)
 def _short(o):
     if isinstance(o, torch.Tensor):
         return f'{type(o).__name__} of size {"x".join(map(str, o.shape))} ({str(o.dtype).replace("torch.", "")})'

@@ -15,7 +15,7 @@ import torch
 
 from exp.core import L, listify
 from exp.datablock import (Category, Categorize, Datasets, Pipeline, RegexLabeller, dataloaders_from_dsets, get_files,
-                           image_extensions, parent_label, _mk_tfm)
+                           image_extensions, parent_label, warn_empty_label_folders, _mk_tfm)
 from exp.vision import (ImageDataLoaders, IntToFloatTensor, PILImage, PILImageBW, Resize, ResizeMethod, ToTensor,
                         show_image)
 
@@ -157,7 +157,8 @@ class ItemLists:
         return LabelLists(self, func, classes)
 
     def label_from_folder(self, classes=None):
-        "Label each item with the name of its folder."
+        "Label each item with the name of its folder (warning about class folders with no file: no class for them)."
+        warn_empty_label_folders(list(self.train.items) + list(self.valid.items), self.path)
         return self.label_from_func(parent_label, classes)
 
     def label_from_re(self, pat, full_path=False, classes=None):

@@ -32,7 +32,6 @@ __all__ = ['ImageReadError',
            'rand_pad',
            'ImageBlock',
            'FileName',
-           'empty_class_folders',
            'ImageDataLoaders']
 
 # %% nbs/04a_vision.ipynb cell 2 (id: 7afa4b18)
@@ -681,19 +680,6 @@ class _ItemGetter:
     def __call__(self, o): return o[self.i]
     def __repr__(self): return f'item[{self.i}]'
 
-
-def _has_image(d):
-    for _, _, fs in os.walk(d):
-        if any(os.path.splitext(f)[1].lower() in image_extensions for f in fs): return True
-    return False
-
-
-def empty_class_folders(path, folders=None):
-    "The class folders (`path/<folder>/<class>`, or `path/<class>`) that hold no image files."
-    roots = [Path(path) / f for f in listify(folders)] if folders else [Path(path)]
-    return L(d for r in roots if r.is_dir() for d in sorted(r.iterdir())
-             if d.is_dir() and not d.name.startswith('.') and not _has_image(d))
-
 # %% nbs/04a_vision.ipynb cell 45 (id: 21ce91af)
 class ImageDataLoaders(TfmdDataLoaders):
     "`TfmdDataLoaders` for image classification, with fastai's constructors (`from_folder`, `from_name_func`...)."
@@ -712,10 +698,6 @@ class ImageDataLoaders(TfmdDataLoaders):
             if not (path / f).is_dir():
                 raise FileNotFoundError(f'{path / f}: no such folder (from_folder expects {path}/{train}/<label>/ and '
                                         f'{path}/{valid}/<label>/: pass train=, valid= or valid_pct=)')
-        empty = empty_class_folders(path, folders)
-        if empty:
-            warnings.warn(f'{len(empty)} empty class folder(s), no images, so no class: '
-                          f'{", ".join(str(d.relative_to(path)) for d in empty[:5])}', stacklevel=2)
         splitter = GrandparentSplitter(train, valid) if valid_pct is None else RandomSplitter(valid_pct, seed)
         dblock = DataBlock(blocks=(ImageBlock(img_cls), CategoryBlock(vocab=vocab)),
                            get_items=lambda p: get_image_files(p, folders=folders), splitter=splitter,

@@ -216,3 +216,15 @@ def test_v1_imagelist_to_learner(folder):
     learn = Learner(data, model, loss_func=torch.nn.CrossEntropyLoss(), metrics=accuracy)
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-2)
     assert learn.recorder.values[-1][-1] is not None
+
+
+def test_empty_class_folder_is_reported_by_both_apis(folder):
+    (folder / 'train' / 'bird').mkdir()                                  # a class whose images were all deleted
+    (folder / 'train' / 'bird' / '.DS_Store').write_bytes(b'')           # hidden files do not count
+    msg = r'1 empty class folder\(s\), no images, so no class: train/bird'
+    with pytest.warns(UserWarning, match=msg):
+        ImageList.from_folder(folder).split_by_folder().label_from_folder()
+    with pytest.warns(UserWarning, match=msg):
+        dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, splitter=GrandparentSplitter(),
+                        get_y=parent_label, item_tfms=Resize(16)).dataloaders(folder, bs=4, num_workers=0, device='cpu')
+    assert list(dls.vocab) == ['cat', 'dog']
