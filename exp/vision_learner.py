@@ -186,8 +186,8 @@ def load_body_weights(body, model, path):
 
 # %% nbs/06a_vision_learner.ipynb cell 22 (id: a91a633e)
 def create_vision_model(arch, n_out, pretrained=True, cut=None, n_in=3, custom_head=None, concat_pool=True,
-                        arch_kwargs=None, **head_kwargs):
-    "`nn.Sequential(body, head)`: `arch`'s body (with `pretrained` weights: True, False or a file) and a new head for `n_out`."
+                        arch_kwargs=None, weights=None, **head_kwargs):
+    "`nn.Sequential(body, head)`: `arch`'s body (`pretrained`: True, False or a file; `weights`: which torchvision weights) and a new head."
     arch_kwargs = dict(arch_kwargs or {})
     path = pretrained if isinstance(pretrained, (str, Path)) else None
     tv = is_torchvision_arch(arch)
@@ -195,7 +195,8 @@ def create_vision_model(arch, n_out, pretrained=True, cut=None, n_in=3, custom_h
         raise ValueError(f"{getattr(arch, '__name__', arch)} has no published pretrained weights: pass pretrained=False, "
                          f"or pretrained='path/to/weights.pth' (a model you trained)")
     if tv:
-        model = load_torchvision_pretrained(arch) if pretrained is True else arch(weights=None, **arch_kwargs)
+        if pretrained is True: model = load_torchvision_pretrained(arch, arch_weights(arch, weights) if isinstance(weights, str) else weights)
+        else: model = arch(weights=None, **arch_kwargs)
         set_input_channels(model, n_in, keep_weights=pretrained is True)
     else: model = arch(c_in=n_in, **arch_kwargs)
     body = create_body(model, cut)
@@ -240,17 +241,18 @@ def _add_imagenet_norm(dls, stats, n_in):
     dls.add_tfms([Normalize.from_stats(mean, std)])
 
 
-def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, loss_func=None, opt_func=torch_adamw,
+def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, loss_func=None, opt_func=torch_adamw,
                    lr=1e-3, splitter=None, cbs=None, metrics=None, path=None, model_dir='models', wd=None,
                    moms=(0.95, 0.85, 0.95), train_bn=True, cut=None, n_in=None, custom_head=None, concat_pool=True,
                    arch_kwargs=None, **head_kwargs):
-    "A `Learner` for image classification: `arch`'s body (pretrained: True, False or a weights file) and a new head; frozen if pretrained."
+    "A `Learner` for image classification: `arch`'s body (pretrained: True, False or a weights file; `weights`: e.g. 'IMAGENET1K_V2') and a new head; frozen if pretrained."
     if n_in is None: n_in = _first_batch(dls)[0].shape[1]
     if n_out is None: n_out = getattr(dls, 'c', None)
     if n_out is None: raise ValueError('vision_learner: the loaders have no vocab to count classes from: pass n_out=')
     meta = model_meta.get(arch, {})
     model = create_vision_model(arch, n_out, pretrained, cut=meta.get('cut', cut) if cut is None else cut, n_in=n_in,
-                                custom_head=custom_head, concat_pool=concat_pool, arch_kwargs=arch_kwargs, **head_kwargs)
+                                custom_head=custom_head, concat_pool=concat_pool, arch_kwargs=arch_kwargs, weights=weights,
+                                **head_kwargs)
     if normalize and pretrained is True and meta.get('stats') is not None:      # after the model: no change if it fails
         if hasattr(dls, 'add_tfms'): _add_imagenet_norm(dls, meta['stats'], n_in)
         else:

@@ -142,3 +142,16 @@ def test_fine_tune_schedule_and_discriminative_lrs(hub):
     peak2 = max(second, key=lambda s: s[0][-1])[0]
     assert peak2[-1] / peak2[0] == pytest.approx(100) and peak2[-1] <= 1e-3 * 1.0001
     assert not torch.equal(learn.model[0][0].weight, frozen_w)             # trained once unfrozen
+
+
+def test_weights_picks_which_torchvision_weights(hub):
+    from exp.vision_learner import resnet50
+    with pytest.raises(FileNotFoundError, match='resnet50-0676ba61.pth'):           # IMAGENET1K_V1's file
+        vision_learner(tensor_dls(), resnet50, n_out=4, weights='IMAGENET1K_V1')
+    with pytest.raises(FileNotFoundError, match='resnet50-11ad3fa6.pth'):           # the DEFAULT, IMAGENET1K_V2
+        vision_learner(tensor_dls(), resnet50, n_out=4)
+    with pytest.raises(ValueError, match='has no weights'):
+        vision_learner(tensor_dls(), resnet50, n_out=4, weights='NO_SUCH')
+    _, state = write_checkpoint(resnet18)
+    learn = vision_learner(tensor_dls(), resnet18, n_out=4, normalize=False, weights=arch_weights(resnet18, 'IMAGENET1K_V1'))
+    assert torch.equal(learn.model[0][0].weight, state['conv1.weight'])
