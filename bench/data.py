@@ -213,7 +213,8 @@ def main():
     best = {}
     for rep in range(args.repeats):
         for w in args.workers:
-            for fw in args.frameworks:
+            k = rep % len(args.frameworks)                    # a different framework goes first in each repeat
+            for fw in args.frameworks[k:] + args.frameworks[:k]:
                 if fw == 'fastai': n, s, build[fw, w] = run_child(fa_py, fw, w, args)
                 else: n, s = one_pass(loaders[fw, w], args.max_images, args.device)
                 rate = n / s
