@@ -27,7 +27,7 @@ from exp import __version__ as _exp_version
 from exp.core import atomic_write
 from exp.datablock import TfmdDataLoaders
 from exp.hooks import GeneralRelu
-import exp.interpret as _interpret          # loaded learners get predict/show_results from it
+import exp.interpret as _interpret          # loaded learners get show_results and tta from it
 from exp.learner import Flatten, Learner, default_device, error_rate, rank_distrib
 from exp.minibatch import accuracy, cross_entropy
 from exp.regularization import LabelSmoothingCrossEntropy

@@ -119,7 +119,8 @@ def _public_name(cls, lib_name) -> tuple[str, str]:
     importable path (`torch.nn.Module`, not `torch.nn.modules.module.Module`; builtins bare)."""
     mod, qual = cls.__module__, cls.__qualname__
     if mod == 'builtins': return qual, ''
-    if mod == lib_name or mod.startswith(lib_name + '.'): return qual, f'{mod}.{qual}'
+    if mod == lib_name or mod.startswith(lib_name + '.'):        # private classes have no entry to link to
+        return qual, ('' if qual.startswith('_') else f'{mod}.{qual}')
     parts = mod.split('.')
     for i in range(1, len(parts) + 1):
         prefix = '.'.join(parts[:i])
