@@ -271,8 +271,8 @@ def expected_files(cfg: dict, modules: dict) -> dict[Path, str]:
     return files
 
 
-def check(cfg: dict) -> int:
-    "List every module that differs from what the notebooks produce, and every orphan; write nothing."
+def stale(cfg: dict) -> tuple[list[str], dict[Path, str]]:
+    "The notebooks' errors and every module missing or different from what they produce; and the files they produce."
     modules, errors, _ = plan(cfg)
     files = expected_files(cfg, modules)
     problems = list(errors)
@@ -280,6 +280,12 @@ def check(cfg: dict) -> int:
         if not path.exists(): problems.append(f'{rel(path, cfg["root"])}: missing (run notebook2script.py --all)')
         elif path.read_text(encoding='utf-8') != text:
             problems.append(f'{rel(path, cfg["root"])}: differs from its notebook (run notebook2script.py --all)')
+    return problems, files
+
+
+def check(cfg: dict) -> int:
+    "List every module that differs from what the notebooks produce, and every orphan; write nothing."
+    problems, files = stale(cfg)
     for path in sorted(cfg['lib'].rglob('*.py')):
         if path not in files and '__pycache__' not in path.parts:
             problems.append(f'{rel(path, cfg["root"])}: orphan module, no notebook exports it (delete it)')

@@ -22,6 +22,7 @@ augmentation (flips only) and with a high peak learning rate (2e-2 for a minute,
 from 1-pixel shifts.
 """
 import argparse, os, platform, sys, time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from exp.learner import Learner, TensorLoader
 from exp.minibatch import DataLoaders
 from exp.vision_learner import flip_tta
 from exp.xresnet import BatchFlipShift, TimeBudget, xresnet_mini, xresnet_small
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from run_notebook import default_threads            # the cores other processes leave idle (by the load average)
 
 RECIPES = {
     '60s': dict(arch='xresnet_mini', seconds=59.0, bs=256, lr=2e-2, wd=0.05, label_smoothing=0.1, flip=0.5, pad=0,
@@ -76,14 +80,6 @@ def run(name, seed=0, seconds=None):
                 acc_tta=(probs.argmax(1) == targs).float().mean().item(), load=(load0, os.getloadavg()[0]))
 
 
-def default_threads():
-    "All cores on an idle machine; on a busy one, only the cores left idle (at least 1)."
-    # Measured here with a load average of 4 on 2 cores: 2 threads did 94 batches in 59 s, 1 thread 438. Each op's
-    # OpenMP threads wait for each other, and a thread descheduled by another process stalls them all.
-    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
-    return max(1, min(cores, int(cores - load + 0.5)))
-
-
 def report(res):
     r = res['settings']
     acc = res['acc_tta'] if r['tta'] else res['acc']
@@ -106,7 +102,7 @@ def main(argv=None):
     ap.add_argument('--seconds', type=float, default=None, help='override the time budget (for a quick try)')
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: auto, see default_threads)')
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads or default_threads())
+    torch.set_num_threads(args.threads or default_threads(os.cpu_count() or 1, 1))
     for name in (RECIPES if args.recipe == 'all' else [args.recipe]):
         report(run(name, args.seed, args.seconds))
         sys.stdout.flush()

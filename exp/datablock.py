@@ -22,6 +22,7 @@ __all__ = ['get_files',
            'TfmdDL',
            'get_grid',
            'show_sample',
+           'shard_batches',
            'TfmdDLShard',
            'TfmdDataLoaders',
            'TransformBlock',
@@ -651,6 +652,19 @@ def show_sample(sample, ax=None, **kwargs):
     return ax
 
 # %% nbs/04_datablock.ipynb cell 52 (id: 36fab8a1)
+def shard_batches(order, bs, n_batches, rank, world_size, train=True):
+    "Process `rank`'s index batches for one pass over `order` (1-d tensor): its slice of each of `n_batches` global batches of `bs` (`train`), else its contiguous share."
+    if not train:
+        share, local = order.tensor_split(world_size)[rank], math.ceil(bs / world_size)
+        return [share[i:i + local] for i in range(0, len(share), local)]
+    res = []
+    for i in range(0, n_batches * bs, bs):
+        j = order[i:i + bs]
+        if len(j) % world_size: j = torch.cat([j, order[:world_size - len(j) % world_size]])   # equal slices: pad
+        res.append(j.tensor_split(world_size)[rank])
+    return res
+
+
 class TfmdDLShard(TfmdDL):
     "Process `rank`'s view of TfmdDL `dl` shared by `world_size` processes: its slice of every global batch (`train`), else a contiguous share."
     def __init__(self, dl, rank, world_size, train=True, order=None):
@@ -659,25 +673,16 @@ class TfmdDLShard(TfmdDL):
         self.parent, self.rank, self.world_size, self.train, self.order = dl, rank, world_size, train, order
         self.bs = math.ceil(dl.bs / world_size)               # items per process in one step
 
-    def _share(self): return torch.arange(self.parent.n).tensor_split(self.world_size)[self.rank].tolist()
-
     def __len__(self):
         if self.train: return len(self.parent)                # every process takes part in every global batch
-        return math.ceil(len(self._share()) / self.bs)
+        return len(self.batch_idxs())
 
     def batch_idxs(self):
         "This process's lists of indices for one pass."
-        p, W = self.parent, self.world_size
-        if not self.train:
-            share = self._share()
-            return [share[i:i + self.bs] for i in range(0, len(share), self.bs)]
-        idxs = (self.order(p.n) if self.order is not None else torch.randperm(p.n).tolist()) if p.shuffle else list(range(p.n))
-        res = []
-        for i in range(0, len(p) * p.bs, p.bs):
-            j = idxs[i:i + p.bs]
-            if len(j) % W: j = j + idxs[:W - len(j) % W]      # pad so that every slice has the same size
-            res.append(j[self.rank * len(j) // W:(self.rank + 1) * len(j) // W])
-        return res
+        p = self.parent
+        shuffled = self.train and p.shuffle
+        order = (self.order or torch.randperm)(p.n) if shuffled else torch.arange(p.n)
+        return [j.tolist() for j in shard_batches(torch.as_tensor(order), p.bs, len(p), self.rank, self.world_size, self.train)]
 
     def new(self, dataset=None, **kwargs):
         "The same shard of `self.parent.new(dataset, **kwargs)`."

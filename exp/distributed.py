@@ -4,8 +4,8 @@ __all__ = ['local_rank_distrib',
            'setup_distrib',
            'teardown_distrib',
            'broadcast_tensor',
-           'DistributedTensorLoader',
            'agreed_order',
+           'DistributedTensorLoader',
            'shard_loader',
            'reduce_metrics',
            'gather_cat',
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Subset
 
+from exp.datablock import shard_batches
 from exp.learner import (Callback, GatherPreds, TensorLoader, cat_batches, distrib_barrier, find_bs, noop, num_distrib,
                          rank_distrib, to_cpu, unwrap_model)
 
@@ -73,6 +74,13 @@ def broadcast_tensor(t, src=0):
     return c.to(t.device)
 
 
+def agreed_order(n, device=None, rank=None):
+    "A random order of `n` items that every process shares: rank 0's `torch.randperm(n)` (as one process would draw it), sent to all."
+    rank = rank_distrib() if rank is None else rank
+    idx = torch.empty(n, dtype=torch.long, device=device) if rank != 0 and _in_group() else torch.randperm(n, device=device)
+    return broadcast_tensor(idx)
+
+
 class DistributedTensorLoader:
     "A `TensorLoader` as process `rank` of `world_size` sees it: its slice of every global batch (`train`), or its share of the items."
     def __init__(self, dl, rank=None, world_size=None, train=True):
@@ -85,34 +93,20 @@ class DistributedTensorLoader:
 
     def _order(self):
         "This epoch's order of the items: rank 0's shuffle, drawn as `TensorLoader` draws it, sent to all."
-        dl = self.dl
-        if not dl.shuffle: return torch.arange(dl.n, device=dl.tensors[0].device)
-        if self.rank != 0 and _in_group(): idx = torch.empty(dl.n, dtype=torch.long, device=dl.tensors[0].device)
-        else: idx = torch.randperm(dl.n, device=dl.tensors[0].device)
-        return broadcast_tensor(idx)
-
-    def _share(self, idx):
-        "This process's contiguous share of `idx` (validation)."
-        return idx.tensor_split(self.world_size)[self.rank]
+        dl, device = self.dl, self.dl.tensors[0].device
+        return agreed_order(dl.n, device, self.rank) if dl.shuffle else torch.arange(dl.n, device=device)
 
     def __len__(self):
         if self.train: return len(self.dl)                      # every process takes part in every global batch
-        return math.ceil(len(self._share(torch.arange(self.dl.n))) / self.bs)
+        return len(shard_batches(torch.arange(self.dl.n), self.dl.bs, 0, self.rank, self.world_size, train=False))
 
     def _batch(self, j):
         b = tuple(t[j] for t in self.dl.tensors)
         return self.dl.tfm(b) if self.dl.tfm is not None else b
 
     def __iter__(self):
-        idx, W = self._order(), self.world_size
-        if not self.train:
-            share = self._share(idx)
-            for i in range(0, len(share), self.bs): yield self._batch(share[i:i + self.bs])
-            return
-        for i in range(0, len(self.dl) * self.dl.bs, self.dl.bs):
-            j = idx[i:i + self.dl.bs]
-            if len(j) % W: j = torch.cat([j, idx[:W - len(j) % W]])   # pad so that every slice has the same size
-            yield self._batch(j.tensor_split(W)[self.rank])
+        for j in shard_batches(self._order(), self.dl.bs, len(self.dl), self.rank, self.world_size, self.train):
+            yield self._batch(j)
 
 # %% nbs/08_distributed.ipynb cell 14 (id: 55dac959)
 def _torch_loader_kwargs(dl):
@@ -123,19 +117,13 @@ def _torch_loader_kwargs(dl):
     return kw
 
 
-def agreed_order(n):
-    "A random order of `n` items that every process shares: rank 0's `torch.randperm(n)` (as one process would draw it), sent to all."
-    idx = torch.empty(n, dtype=torch.long) if rank_distrib() != 0 and _in_group() else torch.randperm(n)
-    return broadcast_tensor(idx).tolist()
-
-
 def shard_loader(dl, rank=None, world_size=None, train=True, seed=0):
     "The part of loader `dl` that process `rank` of `world_size` iterates: for training, its slice of each global batch."
     rank = rank_distrib() if rank is None else rank
     world_size = num_distrib() if world_size is None else world_size
     if isinstance(dl, (DistributedTensorLoader,)) or isinstance(getattr(dl, 'sampler', None), DistributedSampler): return dl
     if isinstance(dl, TensorLoader): return DistributedTensorLoader(dl, rank, world_size, train)
-    if hasattr(dl, 'shard'): return dl.shard(rank, world_size, train, order=agreed_order)
+    if hasattr(dl, 'shard'): return dl.shard(rank, world_size, train, order=lambda n: agreed_order(n, rank=rank))
     if not isinstance(dl, DataLoader):
         raise TypeError(f'cannot split a {type(dl).__name__} between processes: use a TensorLoader or a torch DataLoader, '
                         'or give it a shard(rank, world_size, train, order) method')

@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from exp.core import atomic_write, defaults
+from exp.core import atomic_write, defaults, listify
 from exp.minibatch import DataLoaders, accuracy
 
 # %% nbs/03_learner.ipynb cell 5 (id: 71acfc0d)
@@ -287,12 +287,6 @@ class TextLogger:
         print(line.rstrip(), file=self.file or sys.stdout, flush=True)
 
 # %% nbs/03_learner.ipynb cell 39 (id: ba17131d)
-def _listify(o):
-    if o is None: return []
-    if isinstance(o, (list, tuple)): return list(o)
-    return [o]
-
-
 def unwrap_model(model):
     "The module inside the wrappers (what `save` saves): `torch.compile`'s `_orig_mod`, (Distributed)DataParallel's `module`."
     while True:
@@ -315,7 +309,7 @@ class Learner:
         self.loss_func = loss_func if loss_func is not None else getattr(dls, 'loss_func', None)
         if self.loss_func is None: raise ValueError('Learner needs a loss_func (e.g. nn.CrossEntropyLoss())')
         self.opt_func, self.lr, self.splitter, self.wd, self.moms = opt_func, lr, splitter, wd, moms
-        self.metrics = [m if isinstance(m, Metric) else AvgMetric(m) for m in _listify(metrics)]
+        self.metrics = [m if isinstance(m, Metric) else AvgMetric(m) for m in listify(metrics)]
         self.path = Path(path) if path is not None else Path(getattr(dls, 'path', None) or '.')
         self.model_dir = model_dir
         self.device = torch.device(device) if device is not None else (getattr(dls, 'device', None) or default_device())
@@ -345,8 +339,8 @@ class Learner:
         return self
 
     def add_cbs(self, cbs):
-        "Add each callback in `cbs`."
-        for cb in _listify(cbs): self.add_cb(cb)
+        "Add each callback in `cbs` (a copy is iterated: `cbs` may be `self.cbs` itself)."
+        for cb in list(listify(cbs)): self.add_cb(cb)
         return self
 
     def remove_cb(self, cb):
@@ -357,13 +351,13 @@ class Learner:
 
     def remove_cbs(self, cbs):
         "Remove each callback in `cbs`."
-        for cb in _listify(cbs): self.remove_cb(cb)
+        for cb in listify(cbs): self.remove_cb(cb)
         return self
 
     @contextlib.contextmanager
     def added_cbs(self, cbs):
         "Context manager: `cbs` are added inside the block only."
-        cbs = [cb() if isinstance(cb, type) else cb for cb in _listify(cbs)]
+        cbs = [cb() if isinstance(cb, type) else cb for cb in listify(cbs)]
         self.add_cbs(cbs)
         try: yield self
         finally: self.remove_cbs(cbs)
@@ -371,7 +365,7 @@ class Learner:
     @contextlib.contextmanager
     def removed_cbs(self, cbs):
         "Context manager: `cbs` are removed inside the block only."
-        cbs = [cb for cb in _listify(cbs) if any(c is cb for c in self.cbs)]
+        cbs = [cb for cb in listify(cbs) if any(c is cb for c in self.cbs)]
         self.remove_cbs(cbs)
         try: yield self
         finally: self.add_cbs(cbs)
@@ -484,7 +478,7 @@ class Learner:
         "Train for `n_epoch` epochs (from `start_epoch`, or after the last epoch checkpoint `resume` saved) at `lr`."
         if resume is not None:
             from exp.checkpoint import Resume                 # deferred: exp.checkpoint imports this module
-            cbs = _listify(cbs) + [Resume(resume)]
+            cbs = listify(cbs) + [Resume(resume)]
         with self.added_cbs(cbs), self._sigint_stops_fit():
             if reset_opt or self.opt is None: self.create_opt()
             if wd is None: wd = self.wd
@@ -532,7 +526,7 @@ class Learner:
         if dl is None: dl = in_order(self.dls.valid if ds_idx == 1 else self.dls.train if ds_idx == 0 else self.dls[ds_idx])
         gather = GatherPreds(with_input, with_loss)
         self.model.to(self.device)
-        with self.added_cbs(_listify(cbs) + [gather]): self._do_validate(dl)
+        with self.added_cbs(listify(cbs) + [gather]): self._do_validate(dl)
         preds = cat_batches(gather.preds)
         if preds is None: preds = torch.empty(0)
         elif isinstance(preds, torch.Tensor): preds = (act or loss_activation(self.loss_func))(preds)
@@ -613,7 +607,7 @@ class Learner:
         lrs = np.array(lr_range(self.lr if lr_max is None else lr_max, len(self.opt.param_groups)))
         scheds = one_cycle_scheds(lrs if len(lrs) > 1 else lrs[0], div=div, div_final=div_final,
                                   pct_start=pct_start, moms=self.moms if moms is None else moms)
-        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _listify(cbs), start_epoch=start_epoch, resume=resume)
+        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + listify(cbs), start_epoch=start_epoch, resume=resume)
 
     def fit_flat_cos(self, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None, cbs=None, reset_opt=False,
                      start_epoch=0, resume=None):
@@ -622,7 +616,7 @@ class Learner:
         if reset_opt or self.opt is None: self.create_opt()
         lrs = np.array(lr_range(self.lr if lr is None else lr, len(self.opt.param_groups)))
         scheds = flat_cos_scheds(lrs if len(lrs) > 1 else lrs[0], div_final=div_final, pct_start=pct_start)
-        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _listify(cbs), start_epoch=start_epoch, resume=resume)
+        self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + listify(cbs), start_epoch=start_epoch, resume=resume)
 
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, show_plot=True, suggest_funcs=None):
         "Sweep the lr exponentially from `start_lr` to `end_lr`, stop when the loss diverges, restore the model; suggest lrs."

@@ -42,32 +42,29 @@ class BatchNorm(nn.Module):
     def extra_repr(self): return f'{len(self.weight)}, mom={self.mom}, eps={self.eps}'
 
 # %% nbs/05a_normalization.ipynb cell 13 (id: 35da239e)
-class LayerNorm(nn.Module):
+class _ItemNorm(nn.Module):
+    "Normalise each item over its dims from `start` on, with a learned scale and shift per channel."
+    start = 1
+    def __init__(self, nf, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight, self.bias = nn.Parameter(torch.ones(nf)), nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        dims, shape = tuple(range(self.start, x.ndim)), _chan_shape(x)
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, keepdim=True, correction=0)
+        x = (x - mean) / (var + self.eps).sqrt()
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class LayerNorm(_ItemNorm):
     "LayerNorm from scratch for (N, C, ...) inputs: each item over all its channels and positions; scale and shift per channel."
-    def __init__(self, nf, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight, self.bias = nn.Parameter(torch.ones(nf)), nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        dims, shape = tuple(range(1, x.ndim)), _chan_shape(x)
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, keepdim=True, correction=0)
-        x = (x - mean) / (var + self.eps).sqrt()
-        return x * self.weight.view(shape) + self.bias.view(shape)
+    start = 1
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(_ItemNorm):
     "InstanceNorm from scratch: each channel of each item over its positions; scale and shift per channel."
-    def __init__(self, nf, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight, self.bias = nn.Parameter(torch.ones(nf)), nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        dims, shape = tuple(range(2, x.ndim)), _chan_shape(x)
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, keepdim=True, correction=0)
-        x = (x - mean) / (var + self.eps).sqrt()
-        return x * self.weight.view(shape) + self.bias.view(shape)
+    start = 2
 
 
 class GroupNorm(nn.Module):

@@ -99,34 +99,32 @@ def ddp(tmp_path_factory):
     return out, stdout, two, alone_out, one
 
 
-def test_ddp_two_processes_match_one(ddp):
-    out, stdout, two, tmp_path, one = ddp
+def assert_two_match_one(two_out, two, one_out, one):
+    "2 processes (summary `two`, files in `two_out`) took the steps 1 process took: weights, table, losses, predictions."
     assert two['world_size'] == 2 and one['world_size'] == 1
     assert two['replica_max_diff'] == 0.0                   # the two copies of the model are identical
     assert two['same_numbers_everywhere']                   # both processes report the same table and metrics
-    assert max_diff(weights(out), weights(tmp_path)) < 1e-5
+    assert max_diff(weights(two_out), weights(one_out)) < 1e-5
     assert torch.allclose(torch.tensor(two['values']), torch.tensor(one['values']), atol=1e-5)
     assert torch.allclose(torch.tensor(two['losses']), torch.tensor(one['losses']), atol=1e-5)
-    p1, p2 = (torch.load(d / 'preds.pth', weights_only=True) for d in (tmp_path, out))
+    p1, p2 = (torch.load(d / 'preds.pth', weights_only=True) for d in (one_out, two_out))
     assert two['n_preds'] == 2000 and torch.equal(p2['targs'], p1['targs'])   # gathered, in order
     assert torch.allclose(p2['preds'], p1['preds'], atol=1e-4)
+
+
+def test_ddp_two_processes_match_one(ddp):
+    out, stdout, two, tmp_path, one = ddp
+    assert_two_match_one(out, two, tmp_path, one)
     assert stdout.count('train_loss') == 1 and stdout.count('trained in') == 1   # only rank 0 prints
 
 
 def test_ddp_datablock_loaders_match_one_process(tmp_path):
     "The data block's TfmdDL shards itself: 2 processes decoding PNG files take the steps one process takes."
-    args = [*MLP, '--data', 'datablock']
     two_out, one_out = tmp_path / 'two', tmp_path / 'one'
-    job = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(EXAMPLE),
-                            *args, '--out', str(two_out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    one = in_this_process(one_out, args)
+    job = torchrun(two_out, '--data', 'datablock')
+    one = in_this_process(one_out, [*MLP, '--data', 'datablock'])
     _, two = results(two_out, job)
-    assert two['world_size'] == 2 and two['replica_max_diff'] == 0.0 and two['same_numbers_everywhere']
-    assert max_diff(weights(two_out), weights(one_out)) < 1e-5
-    assert torch.allclose(torch.tensor(two['values']), torch.tensor(one['values']), atol=1e-5)
-    p1, p2 = (torch.load(d / 'preds.pth', weights_only=True) for d in (one_out, two_out))
-    assert two['n_preds'] == 2000 and torch.equal(p2['targs'], p1['targs'])
-    assert torch.allclose(p2['preds'], p1['preds'], atol=1e-4)
+    assert_two_match_one(two_out, two, one_out, one)
 
 
 def test_ddp_ctrl_c_in_one_process_then_resume(ddp, tmp_path):

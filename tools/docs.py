@@ -368,23 +368,13 @@ math[display="block"] { margin: 8px 0; }
 
 
 # ---------------------------------------------------------------- the build
-def stale_modules(cfg) -> list[str]:
-    "What notebook2script.py --check would report: exp/ must be what the notebooks export."
-    modules, errors, _ = n2s.plan(cfg)
-    out = list(errors)
-    for path, text in sorted(n2s.expected_files(cfg, modules).items()):
-        if not path.exists() or path.read_text(encoding='utf-8') != text:
-            out.append(f'{n2s.rel(path, cfg["root"])}: differs from its notebook (run notebook2script.py --all)')
-    return out
-
-
 def build(cfg: dict, out: Path, log=print) -> int:
     "Build the site into `out`; return 0, or 1 after printing every problem (then nothing is written)."
     t0 = time.time()
     WARNINGS.clear()
     root = cfg['root']
     check_out_dir(out)
-    problems = stale_modules(cfg)
+    problems = n2s.stale(cfg)[0]                       # exp/ must be what the notebooks export
     modules, api_problems = docs_api.collect(cfg)
     problems += api_problems
 
