@@ -358,28 +358,31 @@ def schedule(paths, cfg, workers=None, slow=False, timeout=None, threads=None, o
     return [results[p] for p in paths]
 
 
-_ZYGOTE = None
+_ZYGOTES = {}
 
 
-def _zygote():
-    "A warm parent in its own fresh process, started once and reused: nothing the caller ran can leak into forks."
-    global _ZYGOTE
+def _zygote(env=None):
+    "A warm parent in its own fresh process (one per `env`), started once and reused: nothing the caller ran leaks into forks."
     import atexit, subprocess
-    if _ZYGOTE is None or _ZYGOTE.poll() is not None:
-        env = {k: v for k, v in os.environ.items() if k != 'EXP_IN_TEST'}
-        _ZYGOTE = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), '--zygote'], env=env,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        atexit.register(lambda z=_ZYGOTE: (z.stdin.close(), z.wait(10)) if z.poll() is None else None)
-    return _ZYGOTE
+    key = tuple(sorted((env or {}).items()))
+    z = _ZYGOTES.get(key)
+    if z is None or z.poll() is not None:
+        full = {**{k: v for k, v in os.environ.items() if k != 'EXP_IN_TEST'}, **(env or {})}
+        z = _ZYGOTES[key] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), '--zygote'], env=full,
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        atexit.register(lambda z=z: (z.stdin.close(), z.wait(10)) if z.poll() is None else None)
+    return z
 
 
-def run_notebooks(paths, cfg=None, workers=None, slow=False, timeout=None, threads=None, on_result=None) -> list[Result]:
+def run_notebooks(paths, cfg=None, workers=None, slow=False, timeout=None, threads=None, on_result=None,
+                  env=None) -> list[Result]:
     """Run notebooks `paths` (in parallel, each in its own process) from any caller, e.g. pytest.
 
     The forks come from a zygote process that has imported torch but run nothing, so whatever the
-    calling process did (torch ops, threads) cannot affect them. Same engine as the command line."""
+    calling process did (torch ops, threads) cannot affect them. Same engine as the command line.
+    `env` adds environment variables (e.g. `ATEN_CPU_CAPABILITY`), set before the zygote imports torch."""
     cfg = cfg or read_settings(find_root())
-    z = _zygote()
+    z = _zygote(env)
     req = {'paths': [str(Path(p).resolve()) for p in paths], 'root': str(cfg['root']), 'workers': workers,
            'slow': slow, 'timeout': timeout, 'threads': threads}
     z.stdin.write(json.dumps(req) + '\n'); z.stdin.flush()
@@ -441,6 +444,90 @@ def _timed_out(r, timeout, cfg) -> Result:
     return Result(name, 'failed', f'{name}:cell {cell}: timed out after {timeout:g} s (cell killed; raise '
                   f'--timeout or mark the cell #slow)\n{_cell_context(r["path"], cell, cfg)}{_log_tail(r)}',
                   seconds=time.time() - r['start'])
+
+
+# ------------------------------------------------------------------ the Jupyter engine (a real ipykernel per notebook)
+ANSI_RE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+
+
+def kernel_env(extra=None, threads=1) -> dict:
+    "The environment a test kernel starts with: ours, marked as under test, the venv first on PATH, `extra` on top."
+    env = {**os.environ, 'EXP_IN_TEST': '1', 'OMP_NUM_THREADS': str(threads), 'EXP_THREADS': str(threads),
+           'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')}
+    env.pop('MPLBACKEND', None)                          # a kernel picks the inline backend itself, as in Jupyter
+    env.update(extra or {})
+    return env
+
+
+async def _run_in_kernel(nb_path: Path, cfg: dict, slow: bool, timeout: float, env: dict) -> Result:
+    "Execute one notebook in a fresh ipykernel (nbclient), cwd its folder, as Jupyter would; stop at the first error."
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+    name = rel(nb_path, cfg['root'])
+    res, t0 = Result(name), time.perf_counter()
+    try: nb = read_notebook(nb_path, cfg['root'])
+    except ExportError as e:
+        res.status, res.report = 'failed', str(e)
+        return res
+    if is_slow_notebook(nb) and not slow:
+        res.status, res.report = 'skipped', 'slow notebook (run with --slow)'
+        return res
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', allow_errors=False,
+                            resources={'metadata': {'path': str(nb_path.parent)}})
+    cell_no = None
+    try:
+        async with client.async_setup_kernel(env=env):
+            res.setup_seconds = time.perf_counter() - t0
+            for i, cell in enumerate(nb.cells, start=1):
+                if cell.cell_type != 'code' or not cell.source.strip(): continue
+                if is_slow_cell(cell) and not slow:
+                    res.slow_skipped += 1
+                    continue
+                cell_no, c0 = i, time.perf_counter()
+                await client.async_execute_cell(cell, i - 1)
+                res.cell_times[i] = time.perf_counter() - c0
+    except CellExecutionError as e:
+        res.status = 'failed'
+        src = cell_source(nb.cells[cell_no - 1]).splitlines()
+        tb = ANSI_RE.sub('', str(e.traceback or '')).splitlines()
+        tail = '\n'.join(tb[-30:]) if tb else f'{e.ename}: {e.evalue}'
+        res.report = (f'{name}:cell {cell_no} (Jupyter kernel)\n'
+                      + '\n'.join(f'   {j:3d} | {l}' for j, l in enumerate(src[:12], 1)) + f'\nTraceback (last lines):\n{tail}')
+    except (CellTimeoutError, TimeoutError):
+        res.status, res.report = 'failed', f'{name}:cell {cell_no} (Jupyter kernel): timed out after {timeout:g} s'
+    except DeadKernelError as e:
+        res.status, res.report = 'failed', f'{name}:cell {cell_no} (Jupyter kernel): the kernel died ({e})'
+    except Exception as e:                               # e.g. the kernel could not start
+        res.status, res.report = 'failed', f'{name}: Jupyter kernel error at cell {cell_no}: {type(e).__name__}: {e}'
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def run_in_kernels(paths, cfg=None, workers=None, slow=False, timeout=None, threads=None, env=None,
+                   on_result=None) -> list[Result]:
+    """Run notebooks `paths` through real Jupyter kernels (nbclient + ipykernel), `workers` at a time.
+
+    What users run: a kernel per notebook, its cwd the notebook's folder, the inline backend, HTML progress
+    bars, widgets. Slower to start than the fork engine (~1 s a kernel plus the imports), so the test suite
+    uses it as the second pass that proves a notebook is not green only under our runner."""
+    import asyncio
+    cfg = cfg or read_settings(find_root())
+    paths = [Path(p).resolve() for p in paths]
+    ncores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    workers = max(1, min(workers or int(cfg.get('workers', 0) or 0) or ncores, len(paths) or 1))
+    timeout = timeout or float(cfg.get('cell_timeout', 900))
+    threads = threads or int(os.environ.get('EXP_THREADS', 0)) or default_threads(ncores, workers)
+    kenv = kernel_env(env, threads)
+
+    async def main():
+        sem = asyncio.Semaphore(workers)
+        async def one(p):
+            async with sem:
+                r = await _run_in_kernel(p, cfg, slow, timeout, kenv)
+            if on_result: on_result(r)
+            return r
+        return await asyncio.gather(*(one(p) for p in paths))
+    return list(asyncio.run(main()))
 
 
 # ------------------------------------------------------------------ --save
@@ -509,6 +596,10 @@ def main(argv=None) -> int:
     ap.add_argument('--save', action='store_true', help='write outputs back into the notebooks that passed')
     ap.add_argument('--threads', type=int, default=None,
                     help='torch threads per notebook (default: $EXP_THREADS, else the idle cores / workers)')
+    ap.add_argument('--engine', choices=('fork', 'jupyter'), default='fork',
+                    help='fork: forks of a warm process (fast, the default); jupyter: a real ipykernel per notebook')
+    ap.add_argument('--cpu', default=None, metavar='LEVEL',
+                    help='ATEN_CPU_CAPABILITY for the notebooks (default, avx2, avx512...): torch\'s CPU kernel level')
     ap.add_argument('--root', type=Path, help='project root (default: nearest folder with settings.ini)')
     ap.add_argument('--zygote', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -526,7 +617,13 @@ def main(argv=None) -> int:
         tag = {'passed': 'ok  ', 'failed': 'FAIL', 'skipped': 'skip'}[r.status]
         print(f'{tag} {r.path} ({r.seconds:.1f} s)' + (f' [{r.report}]' if r.status == 'skipped' else ''), flush=True)
         if r.status == 'failed': print('\n' + r.report + '\n', flush=True)
-    results = schedule(paths, cfg, args.workers, args.slow, args.timeout, args.threads, on_result=show)
+    if args.engine == 'jupyter':
+        if args.save: ap.error('--save takes the fork engine\'s outputs; run it without --engine jupyter')
+        results = run_in_kernels(paths, cfg, args.workers, args.slow, args.timeout, args.threads,
+                                 env={'ATEN_CPU_CAPABILITY': args.cpu} if args.cpu else None, on_result=show)
+    else:
+        if args.cpu: os.environ['ATEN_CPU_CAPABILITY'] = args.cpu      # read when torch first dispatches, after the fork
+        results = schedule(paths, cfg, args.workers, args.slow, args.timeout, args.threads, on_result=show)
     note = ''
     if args.save:
         saved = [r.path for p, r in zip(paths, results) if r.passed and save_outputs(p, r, cfg)]

@@ -54,8 +54,8 @@ def _model(arch, n_out, n_in, size):
 
 
 def train_folder(path=None, epochs=1, arch='cnn', size=None, bs=64, lr=None, valid_pct=0.2, seed=42, limit=None,
-                 out='export.pkl', num_workers=None):
-    "Train a classifier on the images under `path` (one folder per class; default: Fashion-MNIST), print the epoch table, export it to `out`; returns the learner."
+                 out='export.pkl', num_workers=None, progress=None):
+    "Train a classifier on the images under `path` (one folder per class; default: Fashion-MNIST), print the epoch table (`progress`: a `progress_mode`, default automatic), export it to `out`; returns the learner."
     import PIL.Image, torch
     from torch import nn
     from exp.data import URLs, untar_data
@@ -83,6 +83,7 @@ def train_folder(path=None, epochs=1, arch='cnn', size=None, bs=64, lr=None, val
           f'{dls.c} classes, {"grayscale" if gray else "RGB"} {size}x{size}')
     torch.manual_seed(seed)
     learn = Learner(dls, _model(arch, dls.c, 1 if gray else 3, size), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    if progress is not None: learn.progress.mode = progress
     learn.fit_one_cycle(epochs, lr or (1e-2 if arch in ('cnn', 'mnist_convnet') else 1e-3))
     learn.export(Path(out).absolute())
     acc = learn.recorder.values[-1][-1] if learn.recorder.values else None
@@ -168,8 +169,9 @@ def main(argv=None):
     try:
         if args.cmd == 'train':
             _set_threads(args.threads, args.workers)
+            from exp.learner import progress_mode
             train_folder(args.path, args.epochs, args.arch, args.size, args.bs, args.lr, args.valid_pct, args.seed,
-                         args.limit, args.out, args.workers)
+                         args.limit, args.out, args.workers, progress=progress_mode(shell=None))  # a command prints text
             return 0
         if args.cmd == 'predict': return 1 if predict_files(args.export, args.images) else 0
         export_info(args.export)

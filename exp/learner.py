@@ -12,6 +12,7 @@ __all__ = ['Flatten',
            'CancelBatchException',
            'CancelBackwardException',
            'CancelStepException',
+           'CANCELS',
            'EVENTS',
            'STEPS',
            'Callback',
@@ -130,6 +131,9 @@ class CancelBackwardException(Exception): "Raise in `before_backward` to skip th
 class CancelStepException(Exception): "Raise in `before_step` to skip the optimizer step."
 
 
+CANCELS = (CancelFitException, CancelEpochException, CancelTrainException, CancelValidException,
+           CancelBatchException, CancelBackwardException, CancelStepException)
+
 EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
           'before_backward', 'after_cancel_backward', 'after_backward', 'before_step', 'after_cancel_step',
           'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_train', 'after_train',
@@ -167,7 +171,7 @@ class Metric:
 
 class AvgMetric(Metric):
     "Average of `func(pred, *yb)` over an epoch, weighted by batch size (uneven last batches count right)."
-    def __init__(self, func): self.func = func
+    def __init__(self, func): self.func = func; self.reset()
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
         bs = find_bs(learn.yb) or find_bs(learn.xb)
@@ -371,8 +375,15 @@ class Learner:
         finally: self.add_cbs(cbs)
 
     def __call__(self, event):
-        "Run every callback's `event` method, in order, passing this learner."
-        for f in self._handlers[event]: f(self)
+        "Run every callback's `event` method, in order; a cancel raised in a `before_` event still lets the others see it."
+        if not event.startswith('before_'):
+            for f in self._handlers[event]: f(self)
+            return
+        cancel = None                      # so every callback that sees `after_X` has seen `before_X` (balanced)
+        for f in self._handlers[event]:
+            try: f(self)
+            except CANCELS as e: cancel = cancel or e
+        if cancel is not None: raise cancel
 
     # ------------------------------------------------------------------ the optimizer and its hyper-parameters
     def create_opt(self):
@@ -751,6 +762,7 @@ class ProgressCallback(Callback):
         if self.current == 'text' or learn.logger is noop: return
         from fastprogress.fastprogress import ConsoleMasterBar, NBMasterBar
         self.mbar = (NBMasterBar if self.current == 'html' else ConsoleMasterBar)(list(range(learn.n_epoch)))
+        self.mbar.update(0)                         # start the bar's clock: a resumed fit's first epoch is not 0
         self.old_logger, learn.logger = learn.logger, self._write
 
     def _write(self, items, header=False): self.mbar.write([str(s) for s in items], table=True)
@@ -784,7 +796,7 @@ class ProgressCallback(Callback):
         self.mbar.on_iter_end()
         learn.logger, self.mbar, self.pbar = self.old_logger, None, None
 
-# %% nbs/03_learner.ipynb cell 77 (id: 03366c11)
+# %% nbs/03_learner.ipynb cell 79 (id: 03366c11)
 def to_cpu(o):
     "Tensors in `o` (a tensor or a tuple of them) detached on the CPU; half precision made float32, tensor subclasses kept."
     if isinstance(o, torch.Tensor):
@@ -873,7 +885,7 @@ class GatherPreds(Callback):
                 with torch.no_grad(): self.losses.append(to_cpu(item_losses(learn.loss_func, learn.pred, *learn.yb)))
         raise CancelBatchException()
 
-# %% nbs/03_learner.ipynb cell 82 (id: 983abf14)
+# %% nbs/03_learner.ipynb cell 84 (id: 983abf14)
 def _conv(ni, nf): return nn.Conv2d(ni, nf, kernel_size=3, stride=2, padding=1)
 
 

@@ -158,7 +158,7 @@ def SGD(params, lr, mom=0., wd=0.):
     steppers = [weight_decay, sgd_step] if mom == 0 else [weight_decay, average_grad, momentum_step]
     return Optimizer(params, steppers, lr=lr, mom=mom, wd=wd)
 
-# %% nbs/02b_minibatch.ipynb cell 42 (id: d6b9e6d1)
+# %% nbs/02b_minibatch.ipynb cell 44 (id: d6b9e6d1)
 class Dataset:
     "Inputs and targets side by side: `ds[i]` is `(x[i], y[i])`."
     def __init__(self, x, y):
@@ -168,7 +168,7 @@ class Dataset:
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return self.x[i], self.y[i]
 
-# %% nbs/02b_minibatch.ipynb cell 47 (id: 92a0ca26)
+# %% nbs/02b_minibatch.ipynb cell 49 (id: 92a0ca26)
 class Sampler:
     "The indices of `ds` for one pass: `0..len(ds)-1` in order, or a fresh random permutation if `shuffle`."
     def __init__(self, ds, shuffle=False): self.n, self.shuffle = len(ds), shuffle
@@ -207,7 +207,7 @@ class DataLoader:
         n, bs = len(self.ds), self.batch_size
         return n // bs if self.drop_last else math.ceil(n / bs)
 
-# %% nbs/02b_minibatch.ipynb cell 55 (id: 9f85d57e)
+# %% nbs/02b_minibatch.ipynb cell 57 (id: 9f85d57e)
 class DataLoaders:
     "A train and a valid loader (any iterables): `.train`, `.valid`, `dls[i]`, `len` and iteration over the loaders."
     def __init__(self, *loaders, device=None): self.loaders, self.device = list(loaders), device
@@ -231,7 +231,7 @@ class DataLoaders:
         return cls(TorchDataLoader(train_ds, batch_size=bs, shuffle=shuffle_train, **kwargs),
                    TorchDataLoader(valid_ds, batch_size=2 * bs, shuffle=False, **kwargs))
 
-# %% nbs/02b_minibatch.ipynb cell 58 (id: 2f45157a)
+# %% nbs/02b_minibatch.ipynb cell 60 (id: 2f45157a)
 def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
     "Train `model` for `epochs`; print and return each epoch's validation `(loss, accuracy)`."
     log = []

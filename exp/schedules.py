@@ -145,6 +145,8 @@ def suggest_lrs(lrs, losses, funcs=(minimum, steep, valley), num_it=None):
     lo, hi = num_it // 10, len(lrs) - 5
     if hi - lo < 5: lo, hi = 0, len(lrs)           # too short a curve to trim
     lrs, losses = np.array(lrs[lo:hi]), np.array(losses[lo:hi])
+    finite = np.isfinite(losses)                    # a sweep run with stop_div=False can end in inf or nan
+    lrs, losses = lrs[finite], losses[finite]
     lrs, keep = np.unique(lrs, return_index=True)   # repeated lrs (an epoch boundary) would divide by 0 in `steep`
     losses = losses[keep]
     SuggestedLRs = collections.namedtuple('SuggestedLRs', [f.__name__ for f in funcs])
@@ -180,6 +182,11 @@ def lr_find_sweep(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, sh
         else: learn.opt.load_state_dict(opt_state)
         for p in learn.model.parameters(): p.grad = None
     learn.lr_finder = finder
+    ok = [k for k, l in enumerate(finder.losses) if math.isfinite(l)]
+    if len(ok) < 2:
+        first = f'{finder.losses[0]} at lr {finder.lrs[0]:.2e}' if finder.losses else 'no training batch ran'
+        raise ValueError(f'lr_find: no loss curve to read (first loss {first}): check the data, the model '
+                         f'and the loss function with one batch (learn.dls.one_batch())')
     suggestions, points = suggest_lrs(finder.lrs, finder.losses, funcs, num_it)
     if show_plot: plot_lr_find(finder.lrs, finder.losses, suggestions, points)
     return suggestions

@@ -130,7 +130,7 @@ class ClassifierApp:
     def on_click_classify(self, change=None):
         "Classify the last uploaded image: thumbnail into `out_pl`, prediction into `lbl_pred`."
         data = upload_bytes(self.btn_upload)
-        self.out_pl.clear_output()
+        self.out_pl.outputs = ()
         if not data:
             self.lbl_pred.value = 'Upload an image first.'
             return
@@ -139,7 +139,7 @@ class ClassifierApp:
             self.lbl_pred.value = 'That file is not an image I can read.'
             return
         self.thumb = img.to_thumb(self.thumb_size, self.thumb_size)
-        with self.out_pl: display(self.thumb)
+        self.out_pl.append_display_data(self.thumb)   # into the widget's own outputs (kept, testable)
         pred, pred_idx, probs = self.learn.predict(img)
         self.lbl_pred.value = f'Prediction: {pred}; Probability: {probs[pred_idx]:.04f}'
 
