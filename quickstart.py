@@ -20,7 +20,9 @@ from exp.data import URLs, untar_data
 from exp.datablock import CategoryBlock, DataBlock, GrandparentSplitter, get_image_files, parent_label
 from exp.export import load_learner
 from exp.interpret import ClassificationInterpretation
-from exp.learner import Learner, mnist_convnet
+from exp.convolutions import mnist_convnet
+from exp.learner import Learner
+import exp.schedules                                 # Learner.fit_one_cycle
 from exp.minibatch import accuracy
 from exp.vision import ImageBlock, Normalize, PILImageBW
 

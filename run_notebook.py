@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from notebook2script import (PROVENANCE_RE, ExportError, all_notebooks, cell_source, find_root, first_line,
+from notebook2script import (PROVENANCE_RE, ExportError, all_notebooks, cell_number, cell_source, find_root, first_line,
                              read_notebook, read_settings, rel, write_atomic)
 
 SLOW_RE = re.compile(r'^\s*#\s*\|?\s*slow\s*$')
@@ -146,11 +146,13 @@ class Locator:
         self.root, self.lib, self.cell_of_code = root, lib.resolve(), {}
 
     def notebook_cell(self, filename: str, lineno: int):
-        "(notebook, cell, line) for a line of an exported module, from the provenance comment above it."
+        "(notebook, cell, line) for a line of an exported module, from the provenance comment above it (by cell id)."
         lines = linecache.getlines(filename)
         for i in range(min(lineno, len(lines)) - 1, -1, -1):
             m = PROVENANCE_RE.match(lines[i].rstrip('\n'))
-            if m: return m['nb'], int(m['cell']), lineno - (i + 1) + 1   # +1: the directive line
+            if not m: continue
+            cell = int(m['cell']) if m['cell'] else cell_number(self.root / m['nb'], m['id'])
+            return (m['nb'], cell, lineno - (i + 1) + 1) if cell else None   # +1: the directive line
         return None
 
     def describe(self, fs) -> str | None:

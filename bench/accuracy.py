@@ -29,8 +29,9 @@ from torch import nn
 
 from exp.callbacks import ChannelsLast, MixedPrecision
 from exp.data import load_fashion_mnist
-from exp.learner import Learner, TensorLoader
-from exp.minibatch import DataLoaders
+import exp.schedules                                  # Learner.fit_one_cycle
+from exp.learner import Learner
+from exp.minibatch import DataLoaders, TensorLoader
 from exp.vision_learner import flip_tta
 from exp.xresnet import BatchFlipShift, TimeBudget, xresnet_mini, xresnet_small
 

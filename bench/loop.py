@@ -59,8 +59,8 @@ LR, BS = 1e-2, 128
 
 # ------------------------------------------------------------------ models and data
 def seed_model():
-    "The fastai v1 MNIST tutorial's conv stack (exp.learner.mnist_convnet)."
-    from exp.learner import mnist_convnet
+    "The fastai v1 MNIST tutorial's conv stack (exp.convolutions.mnist_convnet)."
+    from exp.convolutions import mnist_convnet
     return mnist_convnet()
 
 
@@ -94,7 +94,7 @@ def load_tensors(n_train=None):
 
 def make_loaders(kind, data, device):
     "(train, valid) loaders: exp's TensorLoader, or torch DataLoaders over TensorDatasets."
-    from exp.learner import TensorLoader
+    from exp.minibatch import TensorLoader
     xt, yt, xv, yv = data
     if kind == 'tensor':
         if device.type != 'cpu': xt, yt, xv, yv = (t.to(device) for t in data)
@@ -111,6 +111,7 @@ def _sync(device):
 
 # ------------------------------------------------------------------ the contenders: each returns (seconds, accuracy)
 def run_exp(model, train_dl, valid_dl, device, bf16=False):
+    import exp.schedules                              # Learner.fit_one_cycle
     from exp.learner import Learner
     from exp.minibatch import DataLoaders, accuracy
     cbs = []
@@ -242,7 +243,7 @@ def main(argv=None):
                  'pytorch_lightning', 'fastai'):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.threads: torch.set_num_threads(args.threads)
-    from exp.learner import default_device
+    from exp.torch_core import default_device
     device = default_device()
     frameworks = [f for f in args.frameworks.split(',') if available(f)]
     missing = [f for f in args.frameworks.split(',') if f not in frameworks]

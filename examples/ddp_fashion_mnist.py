@@ -22,9 +22,13 @@ from torch import nn
 
 from exp.checkpoint import Checkpoint
 from exp.distributed import replica_max_diff
-from exp.learner import (Callback, Flatten, Learner, TensorLoader, fashion_mnist_dls, mnist_convnet, num_distrib,
-                         rank_distrib)
-from exp.minibatch import DataLoaders, accuracy
+import exp.callbacks                                  # Learner.save
+import exp.schedules                                  # Learner.fit_one_cycle
+from exp.callback_core import Callback
+from exp.convolutions import mnist_convnet
+from exp.learner import Learner
+from exp.minibatch import DataLoaders, TensorLoader, accuracy, fashion_mnist_dls
+from exp.torch_core import Flatten, num_distrib, rank_distrib
 
 
 def get_model(name):

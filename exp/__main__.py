@@ -6,11 +6,11 @@ __all__ = ['find_splits',
            'export_info',
            'main']
 
-# %% nbs/07c_cli.ipynb cell 3 (id: 57f6f9be)
+# %% nbs/07c_cli.ipynb (id: 57f6f9be)
 import argparse, sys
 from pathlib import Path
 
-# %% nbs/07c_cli.ipynb cell 6 (id: 5ee0e508)
+# %% nbs/07c_cli.ipynb (id: 5ee0e508)
 _SPLIT_NAMES = [('train', 'valid'), ('training', 'testing'), ('train', 'test'), ('train', 'val'), ('training', 'validation')]
 
 
@@ -34,7 +34,7 @@ def _limit(files, splits, limit):
     for s in splits: res += _spread([f for f in files if f.parent.parent.name == s], limit)
     return res
 
-# %% nbs/07c_cli.ipynb cell 8 (id: 22865dbd)
+# %% nbs/07c_cli.ipynb (id: 22865dbd)
 def _model(arch, n_out, n_in, size):
     "The model `train_folder` trains: 'cnn', 'mnist_convnet' or a torchvision classification model's name."
     from torch import nn
@@ -43,7 +43,7 @@ def _model(arch, n_out, n_in, size):
         from exp.hooks import get_cnn
         return get_cnn(nfs=(16, 32, 64, 128), n_out=n_out, norm=nn.BatchNorm2d, n_in=n_in)
     if arch == 'mnist_convnet':
-        from exp.learner import mnist_convnet
+        from exp.convolutions import mnist_convnet
         if (n_out, n_in, size) != (10, 1, 28):
             raise ValueError(f'--arch mnist_convnet needs 10 classes of 28x28 grayscale images (got {n_out} classes, '
                              f'{n_in} channel(s), size {size}); use --arch cnn')
@@ -61,6 +61,7 @@ def train_folder(path=None, epochs=1, arch='cnn', size=None, bs=64, lr=None, val
     from exp.data import URLs, untar_data
     from exp.datablock import CategoryBlock, DataBlock, GrandparentSplitter, RandomSplitter, get_image_files, parent_label
     import exp.export                                      # gives Learner.export
+    import exp.schedules                                   # Learner.fit_one_cycle
     from exp.learner import Learner
     from exp.minibatch import accuracy
     from exp.vision import ImageBlock, Normalize, PILImage, PILImageBW, Resize
@@ -90,7 +91,7 @@ def train_folder(path=None, epochs=1, arch='cnn', size=None, bs=64, lr=None, val
     print(f'wrote {out}' + (f' (validation accuracy {acc:.4f})' if acc is not None else ''))
     return learn
 
-# %% nbs/07c_cli.ipynb cell 10 (id: 18641c68)
+# %% nbs/07c_cli.ipynb (id: 18641c68)
 def predict_files(export, images, out=None, err=None):
     "Print `file<TAB>label<TAB>probability` for each image in `images` with the learner exported to `export`; returns how many failed."
     from exp.export import load_learner
@@ -127,7 +128,7 @@ def export_info(export, out=None):
                  ('loss, metrics', f"{(h.get('loss_func') or {}).get('loss')}, {', '.join(h['metrics']) or '-'}")]:
         print(f'{k:17s} {v}', file=out)
 
-# %% nbs/07c_cli.ipynb cell 12 (id: fc71527c)
+# %% nbs/07c_cli.ipynb (id: fc71527c)
 def _parser():
     p = argparse.ArgumentParser(prog='python -m exp', description='Train and use image classifiers with exp.')
     sub = p.add_subparsers(dest='cmd', required=True, metavar='COMMAND')

@@ -2,7 +2,7 @@
 """One import line: `from exp.all import *`"""
 __all__ = []
 
-# %% nbs/09_all.ipynb cell 3 (id: 4a5efa5b)
+# %% nbs/09_all.ipynb (id: 4a5efa5b)
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import exp.callbacks, exp.checkpoint, exp.core, exp.data, exp.datablock, exp.distributed, exp.export, exp.hooks
-import exp.imagelist, exp.interpret, exp.learner, exp.normalization, exp.optimizers, exp.regularization
-import exp.schedules, exp.vision, exp.vision_learner, exp.widgets, exp.xresnet
+import exp.callback_core, exp.callbacks, exp.checkpoint, exp.convolutions, exp.core, exp.data, exp.datablock
+import exp.distributed, exp.export, exp.hooks, exp.imagelist, exp.interpret, exp.learner, exp.metrics, exp.normalization
+import exp.optimizers, exp.regularization, exp.schedules, exp.test, exp.torch_core, exp.vision, exp.vision_learner
+import exp.widgets, exp.xresnet
+from exp.callback_core import *
 from exp.callbacks import *
 from exp.checkpoint import *
+from exp.convolutions import *
 from exp.core import *
 from exp.data import *
 from exp.datablock import *
@@ -24,18 +27,22 @@ from exp.hooks import *
 from exp.imagelist import *
 from exp.interpret import *
 from exp.learner import *
-from exp.minibatch import DataLoaders, Optimizer, SGD, accuracy, cross_entropy
+from exp.metrics import *
+from exp.minibatch import DataLoaders, Optimizer, SGD, TensorLoader, accuracy, cross_entropy, fashion_mnist_dls
 from exp.normalization import *
 from exp.optimizers import *
 from exp.regularization import *
 from exp.schedules import *
+from exp.test import *
+from exp.torch_core import *
 from exp.vision import *
 from exp.vision_learner import *
 from exp.widgets import *
 from exp.xresnet import *
 
-_MODULES = (exp.core, exp.data, exp.learner, exp.schedules, exp.callbacks, exp.datablock, exp.vision, exp.imagelist,
-            exp.hooks, exp.normalization, exp.optimizers, exp.regularization, exp.xresnet, exp.vision_learner,
-            exp.interpret, exp.export, exp.widgets, exp.distributed, exp.checkpoint)
-__all__ = list(dict.fromkeys(['Path', 'np', 'torch', 'F', 'nn', 'DataLoaders', 'Optimizer', 'SGD', 'accuracy', 'cross_entropy',
-                              *(n for m in _MODULES for n in m.__all__)]))
+_MODULES = (exp.core, exp.test, exp.data, exp.torch_core, exp.callback_core, exp.metrics, exp.convolutions, exp.learner,
+            exp.schedules, exp.callbacks, exp.datablock, exp.vision, exp.imagelist, exp.hooks, exp.normalization,
+            exp.optimizers, exp.regularization, exp.xresnet, exp.vision_learner, exp.interpret, exp.export, exp.widgets,
+            exp.distributed, exp.checkpoint)
+__all__ = list(dict.fromkeys(['Path', 'np', 'torch', 'F', 'nn', 'DataLoaders', 'Optimizer', 'SGD', 'TensorLoader',
+                              'accuracy', 'cross_entropy', 'fashion_mnist_dls', *(n for m in _MODULES for n in m.__all__)]))

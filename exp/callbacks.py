@@ -7,22 +7,44 @@ __all__ = ['TerminateOnNaN',
            'ShowGraph',
            'GradientClip',
            'MixedPrecision',
-           'ChannelsLast',
-           'to_fp16',
-           'to_bf16',
-           'to_fp32',
-           'to_channelslast']
+           'ChannelsLast']
 
-# %% nbs/03b_callbacks.ipynb cell 2 (id: e27e6883)
+# %% nbs/03b_callbacks.ipynb (id: e27e6883)
 import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from exp.learner import Callback, CancelFitException, Learner, distrib_barrier, rank_distrib
+from exp.core import patch
+from exp.torch_core import distrib_barrier, rank_distrib, save_atomic, unwrap_model
+from exp.callback_core import Callback, CancelFitException
+from exp.learner import Learner
 
-# %% nbs/03b_callbacks.ipynb cell 6 (id: 39277d5b)
+# %% nbs/03b_callbacks.ipynb (id: 58d3b05a)
+@patch
+def save(self: Learner, file, with_opt=True):
+    "Save the model (and optimizer) state to `path/model_dir/file.pth` atomically (rank 0 only); return that path."
+    file = self.path / self.model_dir / f'{file}.pth'
+    if rank_distrib() != 0: return file                  # the other processes hold the same weights
+    state = unwrap_model(self.model).state_dict()
+    if with_opt and self.opt is not None: state = {'model': state, 'opt': self.opt.state_dict()}
+    return save_atomic(state, file)
+
+
+@patch
+def load(self: Learner, file, device=None, with_opt=True, strict=True):
+    "Load the state `save` (or a `Checkpoint`) wrote to `path/model_dir/file.pth` (`torch.load(weights_only=True)`)."
+    distrib_barrier()                                    # rank 0 may still be writing it
+    state = torch.load(self.path / self.model_dir / f'{file}.pth', map_location=device or self.device, weights_only=True)
+    has_opt = isinstance(state, dict) and 'model' in state and set(state) <= {'model', 'opt', 'fit'}
+    unwrap_model(self.model).load_state_dict(state['model'] if has_opt else state, strict=strict)
+    if has_opt and 'opt' in state and with_opt:
+        if self.opt is None: self.create_opt()
+        self.opt.load_state_dict(state['opt'])
+    return self
+
+# %% nbs/03b_callbacks.ipynb (id: 39277d5b)
 class TerminateOnNaN(Callback):
     "Stop training (`CancelFitException`) as soon as the training loss is NaN or infinite."
     order = -9
@@ -31,7 +53,7 @@ class TerminateOnNaN(Callback):
             if rank_distrib() == 0: print(f'Loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter}: training stopped.')
             raise CancelFitException()
 
-# %% nbs/03b_callbacks.ipynb cell 9 (id: fe4532ba)
+# %% nbs/03b_callbacks.ipynb (id: fe4532ba)
 class TrackerCallback(Callback):
     "Track the `monitor`ed value ('valid_loss', 'train_loss' or a metric) each epoch; `new_best` says if it improved."
     order = 60
@@ -88,7 +110,7 @@ class EarlyStopping(TrackerCallback):
         super().load_state_dict(state)
         self.wait = state['wait']
 
-# %% nbs/03b_callbacks.ipynb cell 13 (id: f839140c)
+# %% nbs/03b_callbacks.ipynb (id: f839140c)
 class SaveModel(TrackerCallback):
     "Save the model as `fname` whenever `monitor` improves (atomically) and load the best back after training."
     def __init__(self, monitor='valid_loss', comp=None, min_delta=0., fname='model', every_epoch=False, at_end=False,
@@ -111,7 +133,7 @@ class SaveModel(TrackerCallback):
             distrib_barrier()             # several processes: rank 0 has written the file before anyone looks for it
             if (learn.path / learn.model_dir / f'{self.fname}.pth').exists(): learn.load(self.fname, with_opt=self.with_opt)
 
-# %% nbs/03b_callbacks.ipynb cell 21 (id: 7ee98472)
+# %% nbs/03b_callbacks.ipynb (id: 7ee98472)
 class ShowGraph(Callback):
     "Plot the training and validation losses: live under the progress bar in Jupyter, else once after training."
     order = 65
@@ -133,7 +155,7 @@ class ShowGraph(Callback):
     def after_fit(self, learn):
         if self._mbar(learn) is None and learn.recorder.losses: learn.recorder.plot_loss(skip_start=0)
 
-# %% nbs/03b_callbacks.ipynb cell 24 (id: 5a3e6f39)
+# %% nbs/03b_callbacks.ipynb (id: 5a3e6f39)
 class GradientClip(Callback):
     "Clip the gradients' norm to `max_norm` after backward (unscaling them first under an fp16 GradScaler)."
     order = 20
@@ -144,7 +166,7 @@ class GradientClip(Callback):
         if scaler is not None and scaler.is_enabled(): scaler.unscale_(learn.opt)
         nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% nbs/03b_callbacks.ipynb cell 27 (id: 43f785da)
+# %% nbs/03b_callbacks.ipynb (id: 43f785da)
 class MixedPrecision(Callback):
     "Autocast forward and loss to fp16 (with a GradScaler; CUDA's default) or bf16 (the CPU's); counts skipped steps."
     order = 10
@@ -156,8 +178,8 @@ class MixedPrecision(Callback):
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.dt == torch.float16)
         learn.scaler, self.skipped = self.scaler, 0
 
-    def predict(self, learn):
-        with torch.autocast(self.device_type, dtype=self.dt): learn.predict()
+    def get_pred(self, learn):
+        with torch.autocast(self.device_type, dtype=self.dt): learn.get_pred()
 
     def get_loss(self, learn):
         with torch.autocast(self.device_type, dtype=self.dt): learn.get_loss()
@@ -182,7 +204,7 @@ class MixedPrecision(Callback):
         if self.scaler is not None and state['scaler']: self.scaler.load_state_dict(state['scaler'])
         self.skipped = state['skipped']
 
-# %% nbs/03b_callbacks.ipynb cell 35 (id: ccf31ad0)
+# %% nbs/03b_callbacks.ipynb (id: ccf31ad0)
 class ChannelsLast(Callback):
     "Train in `channels_last` memory format: the model once, and every 4-d input batch."
     order = -5
@@ -191,32 +213,33 @@ class ChannelsLast(Callback):
     def before_batch(self, learn):
         learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in learn.xb)
 
-# %% nbs/03b_callbacks.ipynb cell 40 (id: 966a3646)
+# %% nbs/03b_callbacks.ipynb (id: 966a3646)
 def _set_precision(learn, dtype):
     learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, MixedPrecision)])
     if dtype is not None: learn.add_cb(MixedPrecision(dtype))
     return learn
 
 
-def to_fp16(self):
+@patch
+def to_fp16(self: Learner):
     "Train with float16 mixed precision and a gradient scaler (adds `MixedPrecision(torch.float16)`); returns the learner."
     return _set_precision(self, torch.float16)
 
 
-def to_bf16(self):
+@patch
+def to_bf16(self: Learner):
     "Train with bfloat16 mixed precision (adds `MixedPrecision(torch.bfloat16)`); returns the learner."
     return _set_precision(self, torch.bfloat16)
 
 
-def to_fp32(self):
+@patch
+def to_fp32(self: Learner):
     "Train in full precision again (removes `MixedPrecision`); returns the learner."
     return _set_precision(self, None)
 
 
-def to_channelslast(self):
+@patch
+def to_channelslast(self: Learner):
     "Train in `channels_last` memory format (adds `ChannelsLast` once); returns the learner."
     if not any(isinstance(cb, ChannelsLast) for cb in self.cbs): self.add_cb(ChannelsLast())
     return self
-
-
-Learner.to_fp16, Learner.to_bf16, Learner.to_fp32, Learner.to_channelslast = to_fp16, to_bf16, to_fp32, to_channelslast

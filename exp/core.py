@@ -8,15 +8,22 @@ __all__ = ['num_cpus',
            'uniqueify',
            'L',
            'parallel',
-           'atomic_write']
+           'atomic_write',
+           'patch_to',
+           'patch',
+           'GetAttr',
+           'exportable',
+           'exportable_name',
+           'registered',
+           'registered_names']
 
-# %% nbs/00a_core.ipynb cell 2 (id: 39168441)
-import contextlib, itertools, os, tempfile
+# %% nbs/00a_core.ipynb (id: 39168441)
+import contextlib, functools, inspect, itertools, os, tempfile, types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-# %% nbs/00a_core.ipynb cell 5 (id: b83466dc)
+# %% nbs/00a_core.ipynb (id: b83466dc)
 def num_cpus():
     "The number of CPUs this process may run on (its affinity mask where the OS has one)."
     try: return len(os.sched_getaffinity(0))
@@ -30,7 +37,7 @@ defaults = SimpleNamespace(
     cmap='viridis',                           # matplotlib colour map for one-channel images (fastai v1's default)
 )
 
-# %% nbs/00a_core.ipynb cell 8 (id: dcc0a126)
+# %% nbs/00a_core.ipynb (id: dcc0a126)
 def ifnone(a, b):
     "`b` if `a` is None, else `a`."
     return b if a is None else a
@@ -55,7 +62,7 @@ def uniqueify(x, sort=False, key=None):
     res = list(dict.fromkeys(x))
     return sorted(res, key=key) if sort else res
 
-# %% nbs/00a_core.ipynb cell 11 (id: 444a8483)
+# %% nbs/00a_core.ipynb (id: 444a8483)
 def _idxs(idx, n):
     "Integer positions from a list/array/tensor of ints or of booleans (a mask of length `n`)."
     if hasattr(idx, 'tolist'): idx = idx.tolist()
@@ -163,7 +170,7 @@ def _is_bool(x):
     dt = getattr(x, 'dtype', None)
     return dt is not None and 'bool' in str(dt)
 
-# %% nbs/00a_core.ipynb cell 21 (id: c0088cd8)
+# %% nbs/00a_core.ipynb (id: c0088cd8)
 def parallel(f, items, n_workers=None, progress=False):
     "`[f(o) for o in items]` in a thread pool of `n_workers` (default `defaults.cpus`; 0: in this thread), order kept."
     items = list(items)
@@ -186,7 +193,7 @@ def parallel(f, items, n_workers=None, progress=False):
             if bar is not None: bar.update(i + 1)
     return L(res)
 
-# %% nbs/00a_core.ipynb cell 24 (id: 86db44d2)
+# %% nbs/00a_core.ipynb (id: 86db44d2)
 def _fsync_dir(d):
     "Make a rename in folder `d` durable (POSIX); where a folder cannot be opened (Windows) there is nothing to do."
     try: fd = os.open(d, os.O_RDONLY)
@@ -214,3 +221,80 @@ def atomic_write(path, mode='wb'):
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+# %% nbs/00a_core.ipynb (id: 0a628796)
+def _copy_func(f):
+    "A new function object with `f`'s code, globals, defaults and attributes (`copy.copy` returns `f` itself)."
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__doc__, g.__module__ = f.__kwdefaults__, f.__doc__, f.__module__
+    g.__dict__.update(f.__dict__); g.__annotations__ = dict(f.__annotations__)
+    return g
+
+
+def patch_to(cls, as_prop=False):
+    "Decorator: set the function on class `cls` (or each class of a tuple) under its own name, as a method or a property."
+    def _inner(f):
+        for c in (cls if isinstance(cls, tuple) else (cls,)):
+            g = _copy_func(f) if isinstance(cls, tuple) else f     # one function object per class: its own qualname
+            g.__qualname__ = f'{c.__name__}.{f.__name__}'
+            setattr(c, f.__name__, property(g) if as_prop else g)
+        return f
+    return _inner
+
+
+def patch(f=None, *, as_prop=False):
+    "Decorator: add `f` to the class its first parameter is annotated with (`def fit(self: Learner, ...)`), as fastai does."
+    if f is None: return functools.partial(patch, as_prop=as_prop)
+    params = list(inspect.signature(f).parameters.values())
+    cls = params[0].annotation if params else inspect.Parameter.empty
+    if cls is inspect.Parameter.empty or not (isinstance(cls, type) or isinstance(cls, tuple)):
+        raise TypeError(f'@patch: annotate the first parameter of {f.__name__} with the class to add it to (self: Learner)')
+    return patch_to(cls, as_prop=as_prop)(f)
+
+# %% nbs/00a_core.ipynb (id: 73ca5731)
+class GetAttr:
+    "Base class: attributes this object lacks are looked up on `getattr(self, self._default)` (public names only)."
+    _default = 'default'
+
+    def __getattr__(self, name):
+        if name.startswith('_') or name == self._default: raise AttributeError(name)
+        return getattr(getattr(self, self._default), name)
+
+    def __dir__(self): return sorted(set(super().__dir__()) | set(dir(getattr(self, self._default, None))))
+
+# %% nbs/00a_core.ipynb (id: 820b6b77)
+_EXPORTABLE = {}
+
+
+def exportable(obj=None, *, aliases=()):
+    "Decorator: register class or function `obj` (a classmethod too) as one an export may name: `module.qualname`, and `aliases`."
+    if obj is None: return functools.partial(exportable, aliases=aliases)
+    owner, f = getattr(obj, '__self__', None), getattr(obj, '__func__', obj)
+    name = (f'{owner.__module__}.{owner.__qualname__}.{f.__name__}' if isinstance(owner, type)
+            else f'{obj.__module__}.{obj.__qualname__}')
+    for n in (name, *aliases):
+        old = _EXPORTABLE.get(n, obj)
+        if old is not obj and old != obj and getattr(old, '__qualname__', None) != getattr(obj, '__qualname__', None):
+            raise ValueError(f'exportable: {n!r} already names {old!r}')   # (the same class defined again, as a notebook does: fine)
+        _EXPORTABLE[n] = obj
+    return obj
+
+
+def exportable_name(obj):
+    "The name `obj` is registered under (its first), or None."
+    return next((n for n, o in _EXPORTABLE.items() if o is obj or o == obj), None)
+
+
+def registered(name, kind=None):
+    "The object registered as `name` (a subclass of `kind`, when given); a `KeyError` naming it otherwise."
+    obj = _EXPORTABLE.get(name) if isinstance(name, str) else None
+    if obj is None or (kind is not None and not (isinstance(obj, type) and issubclass(obj, kind))):
+        raise KeyError(f'{name!r} is not a registered {getattr(kind, "__name__", "exportable")} (exp only builds what it registers)')
+    return obj
+
+
+def registered_names(kind=None, callables=False):
+    "Every registered name, or those of subclasses of `kind`, or (`callables`) those of functions."
+    return sorted(n for n, o in _EXPORTABLE.items() if (kind is None and not callables) or
+                  (kind is not None and isinstance(o, type) and issubclass(o, kind)) or
+                  (callables and not isinstance(o, type) and callable(o)))

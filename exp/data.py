@@ -15,7 +15,7 @@ __all__ = ['data_dir',
            'fashion_mnist_png',
            'untar_data']
 
-# %% nbs/02_data.ipynb cell 2 (id: 5ab8d2f1)
+# %% nbs/02_data.ipynb (id: 5ab8d2f1)
 import gzip, hashlib, os, shutil, sys, tarfile, tempfile, urllib.error, urllib.request, zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,26 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% nbs/02_data.ipynb cell 4 (id: c6e4b764)
-from exp.core import L
+# %% nbs/02_data.ipynb (id: c6e4b764)
+from exp.core import L, patch
 
 
-def _ls(self, n_max=None, file_exts=None):
+@patch
+def ls(self: Path, n_max=None, file_exts=None):
     "The entries of this folder, sorted, as an `L`; only those ending in `file_exts` (str or list) if given."
     exts = [file_exts] if isinstance(file_exts, str) else file_exts
     items = sorted(p for p in self.iterdir() if not exts or p.suffix in exts)
     return L(items[:n_max] if n_max is not None else items)
 
-Path.ls = _ls
-
-# %% nbs/02_data.ipynb cell 6 (id: 1202085e)
+# %% nbs/02_data.ipynb (id: 1202085e)
 def data_dir():
     "The folder where datasets are cached and extracted: `$EXP_DATA`, else `~/.exp/data`."
     d = Path(os.environ.get('EXP_DATA', '~/.exp/data')).expanduser()
     d.mkdir(parents=True, exist_ok=True)
     return d
 
-# %% nbs/02_data.ipynb cell 9 (id: 35ed8872)
+# %% nbs/02_data.ipynb (id: 35ed8872)
 class DownloadError(Exception):
     "A download or extraction that failed; the message names the URL or file."
 
@@ -99,7 +98,7 @@ def download_url(url, dest, sha256=None, timeout=30, show_progress=True, overwri
     os.replace(part, dest)
     return dest
 
-# %% nbs/02_data.ipynb cell 11 (id: 78be9d3e)
+# %% nbs/02_data.ipynb (id: 78be9d3e)
 @contextmanager
 def _locked(path):
     "An exclusive lock on `path` (a lock file), so parallel notebooks build a dataset only once."
@@ -143,7 +142,7 @@ def extract_archive(archive, dest):
         raise
     return dest
 
-# %% nbs/02_data.ipynb cell 13 (id: 276448f2)
+# %% nbs/02_data.ipynb (id: 276448f2)
 FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 FASHION_MNIST_FOLDERS = [c.replace('/', '_').replace(' ', '_') for c in FASHION_MNIST_CLASSES]
@@ -156,7 +155,7 @@ class URLs:
     FASHION_MNIST_BASE = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
     DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
-# %% nbs/02_data.ipynb cell 15 (id: f152dd84)
+# %% nbs/02_data.ipynb (id: f152dd84)
 FASHION_MNIST_FILES = {  # file -> (sha256 of the decompressed IDX content, its size in bytes)
     'train-images-idx3-ubyte.gz': ('c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888', 47040016),
     'train-labels-idx1-ubyte.gz': ('bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9', 60008),
@@ -187,7 +186,7 @@ def fashion_mnist_path(base_url=None, verify=False):
             os.replace(tmp, cache / f)
     return cache
 
-# %% nbs/02_data.ipynb cell 17 (id: 11bd7d80)
+# %% nbs/02_data.ipynb (id: 11bd7d80)
 def read_idx(path):
     "A uint8 tensor from an IDX file (optionally gzipped); a clear error for anything else."
     path = Path(path)
@@ -213,7 +212,7 @@ def load_fashion_mnist(path=None):
     x_valid, y_valid = read_idx(path / 't10k-images-idx3-ubyte.gz'), read_idx(path / 't10k-labels-idx1-ubyte.gz')
     return x_train, y_train.long(), x_valid, y_valid.long()
 
-# %% nbs/02_data.ipynb cell 25 (id: e2da015f)
+# %% nbs/02_data.ipynb (id: e2da015f)
 def _write_pngs(x, y, folder):
     from PIL import Image
     for c in FASHION_MNIST_FOLDERS: (folder / c).mkdir(parents=True, exist_ok=True)

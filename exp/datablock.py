@@ -24,24 +24,26 @@ __all__ = ['get_files',
            'show_sample',
            'shard_batches',
            'TfmdDLShard',
+           'TensorImageBase',
+           'Normalize',
            'TfmdDataLoaders',
            'TransformBlock',
            'CategoryBlock',
            'DataBlock',
            'dataloaders_from_dsets']
 
-# %% nbs/04_datablock.ipynb cell 2 (id: 3e47bdfa)
-import copy, importlib, inspect, math, multiprocessing, os, random, re, sys, warnings
+# %% nbs/04_datablock.ipynb (id: 3e47bdfa)
+import copy, inspect, math, multiprocessing, os, random, re, sys, warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from exp.core import L, defaults, ifnone, listify, uniqueify
-from exp.learner import default_device, find_bs
+from exp.core import L, defaults, exportable, ifnone, listify, registered, uniqueify
+from exp.torch_core import default_device, find_bs, to_device
 from exp.minibatch import DataLoaders
 
-# %% nbs/04_datablock.ipynb cell 5 (id: cfda61ae)
+# %% nbs/04_datablock.ipynb (id: cfda61ae)
 def _files_in(p, fs, extensions):
     return [p / f for f in sorted(fs) if not f.startswith('.') and (not extensions or os.path.splitext(f)[1].lower() in extensions)]
 
@@ -62,7 +64,7 @@ def get_files(path, extensions=None, recurse=True, folders=None, followlinks=Tru
         res += _files_in(Path(p), f, extensions)
     return L(res)
 
-# %% nbs/04_datablock.ipynb cell 7 (id: 74d0cd08)
+# %% nbs/04_datablock.ipynb (id: 74d0cd08)
 image_extensions = {'.bmp', '.gif', '.ico', '.jfif', '.jpe', '.jpeg', '.jpg', '.pbm', '.pgm', '.png', '.pnm',
                     '.ppm', '.tif', '.tiff', '.webp'}
 
@@ -71,7 +73,8 @@ def get_image_files(path, recurse=True, folders=None):
     "The image files under `path` (sorted `L`), recursing into sub-folders unless `recurse=False`; `folders` limits the top level."
     return get_files(path, extensions=image_extensions, recurse=recurse, folders=folders)
 
-# %% nbs/04_datablock.ipynb cell 14 (id: 6ccae07a)
+# %% nbs/04_datablock.ipynb (id: 6ccae07a)
+@exportable
 def parent_label(o):
     "The name of the folder holding `o`: the label in an ImageNet-style tree (`train/<label>/<file>`)."
     return (o if isinstance(o, Path) else Path(o)).parent.name
@@ -92,7 +95,7 @@ class RegexLabeller:
 
     def __repr__(self): return f'RegexLabeller({self.pat!r})'
 
-# %% nbs/04_datablock.ipynb cell 16 (id: 1705b142)
+# %% nbs/04_datablock.ipynb (id: 1705b142)
 def _no_file_in(d): return next((f for f in d.rglob('*') if f.is_file() and not f.name.startswith('.')), None) is None
 
 
@@ -113,7 +116,7 @@ def warn_empty_label_folders(items, root=None):
     warnings.warn(f'{len(empty)} empty class folder(s), no images, so no class: {", ".join(show(d) for d in empty[:5])}'
                   f'{", ..." if len(empty) > 5 else ""}', stacklevel=3)
 
-# %% nbs/04_datablock.ipynb cell 19 (id: 49f0cf73)
+# %% nbs/04_datablock.ipynb (id: 49f0cf73)
 class RandomSplitter:
     "Split items at random, `valid_pct` for validation; with a `seed`, the same split every time (the global RNG is untouched)."
     def __init__(self, valid_pct=0.2, seed=None): self.valid_pct, self.seed = valid_pct, seed
@@ -161,7 +164,7 @@ class IndexSplitter:
 
     def __repr__(self): return f'IndexSplitter(<{len(listify(self.valid_idx))} indices>)'
 
-# %% nbs/04_datablock.ipynb cell 23 (id: 6828ff09)
+# %% nbs/04_datablock.ipynb (id: 6828ff09)
 class CategoryMap(L):
     "The vocab of a categorical label: the unique values (sorted unless `sort=False`) as an `L`, and `o2i` back to indices."
     def __init__(self, col, sort=True, add_na=False):
@@ -189,7 +192,7 @@ class Category:
         else: ax.set_title(str(self.obj))
         return ax
 
-# %% nbs/04_datablock.ipynb cell 27 (id: 2af92e02)
+# %% nbs/04_datablock.ipynb (id: 2af92e02)
 def _plain(o):
     "`o` as JSON-able plain data (lists, dicts, numbers, strings), or TypeError."
     if o is None or isinstance(o, (bool, str)): return o
@@ -199,18 +202,6 @@ def _plain(o):
     if isinstance(o, (list, tuple)): return [_plain(x) for x in o]
     if isinstance(o, dict): return {str(k): _plain(v) for k, v in o.items()}
     raise TypeError(f'{type(o).__name__} is not plain data')
-
-
-def _resolve(name):
-    "The object `exp.module.attr...` names (only inside the exp package: nothing else is imported)."
-    if not name.startswith('exp.'): raise ValueError(f'{name}: only names inside the exp package can be loaded')
-    parts = name.split('.')
-    for i in range(len(parts) - 1, 0, -1):
-        try: obj = importlib.import_module('.'.join(parts[:i]))
-        except ImportError: continue
-        for a in parts[i:]: obj = getattr(obj, a)
-        return obj
-    raise ValueError(f'{name}: cannot be resolved')
 
 
 def _from_plain(o):
@@ -282,10 +273,11 @@ class Transform:
 
     @staticmethod
     def from_dict(d):
-        "Rebuild a transform that `to_dict` described (classes and functions from the exp package only)."
-        if 'func' in d: return Transform(_resolve(d['func']))
-        cls = _resolve(d['name'])
-        if not (isinstance(cls, type) and issubclass(cls, Transform)): raise ValueError(f'{d["name"]} is not a Transform')
+        "Rebuild a transform that `to_dict` described: only classes and functions registered `exportable` (`00a_core`)."
+        try:
+            if 'func' in d: return Transform(registered(d['func']))
+            cls = registered(d['name'], Transform)
+        except KeyError as e: raise ValueError(e.args[0]) from None
         return cls(**{k: _from_plain(v) for k, v in d['args'].items()})
 
     def __repr__(self):
@@ -294,7 +286,7 @@ class Transform:
         except TypeError: return self.name
         return f'{self.name} -- {args}' if args else self.name
 
-# %% nbs/04_datablock.ipynb cell 29 (id: be1a36d3)
+# %% nbs/04_datablock.ipynb (id: be1a36d3)
 def _mk_tfm(f):
     if isinstance(f, Transform): return f
     if isinstance(f, type) and issubclass(f, Transform): return f()
@@ -335,7 +327,8 @@ class Pipeline:
     def __iter__(self): return iter(self.fs)
     def __repr__(self): return 'Pipeline: ' + (' -> '.join(t.name for t in self.fs) if self.fs else '(empty)')
 
-# %% nbs/04_datablock.ipynb cell 30 (id: 5a95dae2)
+# %% nbs/04_datablock.ipynb (id: 5a95dae2)
+@exportable
 class Categorize(Transform):
     "Encode a label as its index in `vocab` (built from the training labels at setup when not given); decode to a `Category`."
     order = 1
@@ -356,7 +349,7 @@ class Categorize(Transform):
 
     def decodes(self, i): return Category(self.vocab[int(i)], int(i))
 
-# %% nbs/04_datablock.ipynb cell 39 (id: fb68fe25)
+# %% nbs/04_datablock.ipynb (id: fb68fe25)
 def _check_valid_labels(dsets):
     "Raise if some validation labels are missing from a vocab built from the training labels."
     if len(dsets.splits) < 2 or not len(dsets.splits[1]): return
@@ -424,7 +417,7 @@ class Datasets:
         shown = ','.join(repr(self[i]) for i in range(n))
         return f'(#{len(self)}) [{shown}{",..." if len(self) > n else ""}]'
 
-# %% nbs/04_datablock.ipynb cell 44 (id: a9bd6ed5)
+# %% nbs/04_datablock.ipynb (id: a9bd6ed5)
 def _collate1(xs):
     x0 = xs[0]
     if isinstance(x0, torch.Tensor):
@@ -467,25 +460,11 @@ def _retype(b, types):
     return tuple(res)
 
 
-def _to(b, device):
-    "Move the tensors of batch `b` to `device`, keeping their types (tensor subclasses come back as themselves)."
-    device = torch.device(device)
-    nb = device.type == 'cuda'
-    def mv(o):
-        if isinstance(o, torch.Tensor):
-            if o.device == device: return o
-            r = o.to(device, non_blocking=nb)
-            return r if type(r) is type(o) else r.as_subclass(type(o))
-        if isinstance(o, tuple): return tuple(mv(x) for x in o)
-        return o
-    return tuple(mv(o) for o in b)
-
-
 def resolve_device(device=None):
     "`device` as a `torch.device`; None means `exp.learner.default_device()` (`defaults.device` if set, else CUDA when there is one)."
     return torch.device(device) if device is not None else default_device()
 
-# %% nbs/04_datablock.ipynb cell 45 (id: 1407ae16)
+# %% nbs/04_datablock.ipynb (id: 1407ae16)
 class _BatchFetcher(torch.utils.data.Dataset):
     "What a torch worker runs: build one whole collated batch of `dl` from a list of indices."
     def __init__(self, dl): self.dl = dl
@@ -540,7 +519,7 @@ class TfmdDL:
 
     def finish_batch(self, b):
         "Move collated batch `b` to the device and apply the batch transforms there."
-        return self.after_batch(_to(b, self.device), self.split_idx)
+        return self.after_batch(to_device(tuple(b), self.device), self.split_idx)
 
     def __iter__(self):
         batches = self.batch_idxs()
@@ -599,7 +578,7 @@ class TfmdDL:
 
     def decode(self, b):
         "Undo the batch transforms (last first) and bring `b` back to the CPU."
-        return _to(self.after_batch.decode(tuple(b), self.split_idx), 'cpu')
+        return to_device(self.after_batch.decode(tuple(b), self.split_idx), 'cpu')
 
     def decode_batch(self, b, max_n=9):
         "The first `max_n` samples of batch `b` fully decoded: batch and item transforms undone, labels as `Category`."
@@ -630,7 +609,7 @@ class TfmdDL:
     def __repr__(self):
         return f'{type(self).__name__}: {self.n} items, bs={self.bs}, {len(self)} batches, shuffle={self.shuffle}, device={self.device}'
 
-# %% nbs/04_datablock.ipynb cell 47 (id: 38760605)
+# %% nbs/04_datablock.ipynb (id: 38760605)
 def get_grid(n, nrows=None, ncols=None, figsize=None, imsize=3, title=None):
     "A flat list of `n` matplotlib axes in a `nrows`×`ncols` grid (unused axes hidden)."
     import matplotlib.pyplot as plt
@@ -651,7 +630,7 @@ def show_sample(sample, ax=None, **kwargs):
         if hasattr(o, 'show'): ax = o.show(ax=ax, **kwargs)
     return ax
 
-# %% nbs/04_datablock.ipynb cell 52 (id: 36fab8a1)
+# %% nbs/04_datablock.ipynb (id: 36fab8a1)
 def shard_batches(order, bs, n_batches, rank, world_size, train=True):
     "Process `rank`'s index batches for one pass over `order` (1-d tensor): its slice of each of `n_batches` global batches of `bs` (`train`), else its contiguous share."
     if not train:
@@ -688,7 +667,54 @@ class TfmdDLShard(TfmdDL):
         "The same shard of `self.parent.new(dataset, **kwargs)`."
         return type(self)(self.parent.new(dataset, **kwargs), self.rank, self.world_size, self.train, self.order)
 
-# %% nbs/04_datablock.ipynb cell 65 (id: 79e3b982)
+# %% nbs/04_datablock.ipynb (id: f0592064)
+class TensorImageBase(torch.Tensor):
+    "Base class of image tensors (`exp.vision.TensorImage`): the type `Normalize` acts on."
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+@exportable(aliases=('exp.vision.Normalize',))        # its name in exports written before it moved here
+class Normalize(Transform):
+    "Batch transform: `(x - mean) / std` per channel, on the batch's device; decodes back. Stats are plain lists."
+    order = 99
+    input_types = (TensorImageBase,)
+
+    def __init__(self, mean=None, std=None, axes=(0, 2, 3)):
+        self.mean = None if mean is None else [float(m) for m in listify(mean)]
+        self.std = None if std is None else [float(s) for s in listify(std)]
+        self.axes, self._cache = tuple(axes), {}
+
+    @classmethod
+    def from_stats(cls, mean, std, dim=1, ndim=4, cuda=True):
+        "fastai's constructor: `Normalize.from_stats(*imagenet_stats)` (stats move to each batch's device on first use)."
+        return cls(mean, std)
+
+    def _stats(self, x):
+        if self.mean is None: raise RuntimeError('Normalize has no stats: use Normalize.from_stats(mean, std), or dls.normalize()')
+        key = (x.device, x.dtype)
+        if key not in self._cache:
+            shape = [1] * x.ndim
+            shape[1] = -1
+            m = torch.tensor(self.mean, dtype=x.dtype).view(shape).to(x.device)
+            s = torch.tensor(self.std, dtype=x.dtype).view(shape).to(x.device)
+            self._cache[key] = (m, s)
+        m, s = self._cache[key]
+        if m.shape[1] not in (1, x.shape[1]):
+            raise ValueError(f'Normalize: {m.shape[1]} channel stats for images with {x.shape[1]} channel(s)')
+        return m, s
+
+    def encodes(self, x):
+        m, s = self._stats(x)
+        return ((x - m) / s).as_subclass(type(x))
+
+    def decodes(self, x):
+        m, s = self._stats(x)
+        return (x * s + m).as_subclass(type(x))
+
+    def __getstate__(self): return {**self.__dict__, '_cache': {}}
+
+# %% nbs/04_datablock.ipynb (id: 79e3b982)
+@exportable
 class TfmdDataLoaders(DataLoaders):
     "`DataLoaders` of `TfmdDL`s: adds `vocab`, `c`, `train_ds`, `one_batch`, `show_batch`, `test_dl`, `device`, `path`..."
     def __init__(self, *loaders, path='.', device=None):
@@ -785,18 +811,17 @@ class TfmdDataLoaders(DataLoaders):
 
     def normalize(self, stats=None):
         "fastai v1: add `Normalize` (of `stats`, default: per-channel mean/std of one training batch) to every loader."
-        norm_cls = _resolve('exp.vision.Normalize')
         if stats is None:
             x = self.train.one_batch()[0].float()
             dims = [d for d in range(x.ndim) if d != 1]
             stats = (x.mean(dims).tolist(), x.std(dims).tolist())
-        return self.add_tfms([norm_cls.from_stats(*stats)])
+        return self.add_tfms([Normalize.from_stats(*stats)])
 
     @property
     def norm_stats(self):
         "The `(mean, std)` of the first `Normalize` batch transform, or None (pretrained models add ImageNet's when None)."
         for t in self.train.after_batch:
-            if type(t).__name__ == 'Normalize': return (t.mean, t.std)
+            if isinstance(t, Normalize): return (t.mean, t.std)
         return None
 
     def test_dl(self, test_items, rm_type_tfms=0, with_labels=False, bs=None, **kwargs):
@@ -834,7 +859,7 @@ class TfmdDataLoaders(DataLoaders):
         return (f'{type(self).__name__}: {len(self.train.dataset)} train, {len(self.valid.dataset)} valid items, '
                 f'bs={self.bs}, device={self.device}' + (f', vocab={self.vocab!r}' if self.vocab is not None else ''))
 
-# %% nbs/04_datablock.ipynb cell 67 (id: f55d805c)
+# %% nbs/04_datablock.ipynb (id: f55d805c)
 class TransformBlock:
     "What a `DataBlock` needs to know about one element of a sample: `type_tfms`, and the `item_tfms`/`batch_tfms` it requires."
     def __init__(self, type_tfms=None, item_tfms=None, batch_tfms=None):
@@ -862,7 +887,7 @@ def _getter(g):
     t.is_getter = True
     return t
 
-# %% nbs/04_datablock.ipynb cell 68 (id: 7ad52f7b)
+# %% nbs/04_datablock.ipynb (id: 7ad52f7b)
 class DataBlock:
     "A recipe for `DataLoaders`: `blocks` (types), `get_items`, `splitter`, `get_x`/`get_y`, `item_tfms` and `batch_tfms`."
     def __init__(self, blocks=None, n_inp=None, item_tfms=None, batch_tfms=None, get_items=None, splitter=None,
@@ -925,7 +950,7 @@ def dataloaders_from_dsets(dsets, item_tfms=None, batch_tfms=None, path='.', bs=
                            valid_batch_tfms=None):
     "`DataLoaders` over `dsets.train` (shuffled) and `dsets.valid`, with item/batch transforms (valid ones may differ)."
     if not len(dsets.splits[0]): raise ValueError('no training items: check the splitter (and the folder names it expects)')
-    norm = [t for t in listify(batch_tfms) if type(t).__name__ == 'Normalize' and t.mean is None]
+    norm = [t for t in listify(batch_tfms) if isinstance(t, Normalize) and t.mean is None]
     batch_tfms = [t for t in listify(batch_tfms) if not any(t is n for n in norm)]
     vi, vb = ifnone(valid_item_tfms, item_tfms), ifnone(valid_batch_tfms, batch_tfms)
     common = dict(num_workers=num_workers, device=device, skip_errors=skip_errors)
@@ -938,7 +963,7 @@ def dataloaders_from_dsets(dsets, item_tfms=None, batch_tfms=None, path='.', bs=
     if norm: dls.normalize()                         # Normalize() without stats: from one training batch
     return dls
 
-# %% nbs/04_datablock.ipynb cell 70 (id: d399ff1d)
+# %% nbs/04_datablock.ipynb (id: d399ff1d)
 def _short(o):
     if isinstance(o, torch.Tensor):
         return f'{type(o).__name__} of size {"x".join(map(str, o.shape))} ({str(o.dtype).replace("torch.", "")})'
@@ -997,7 +1022,7 @@ def _summary(dblock, source, bs, show_batch, **kwargs):
         print(f'Collating items in a batch: {_short(b)}')
         print('\nApplying batch_tfms to the batch built')
         print(f'  {dl.after_batch}')
-        try: b = _walk(dl.after_batch, _to(b, dl.device), 0)
+        try: b = _walk(dl.after_batch, to_device(tuple(b), dl.device), 0)
         except _Step as s: where = f'{s.where} (batch_tfms)'; raise s.err
         if show_batch: dl.show_batch(b)
     except Exception as e:

@@ -11,10 +11,9 @@ __all__ = ['local_rank_distrib',
            'gather_cat',
            'replica_max_diff',
            'sync_buffers',
-           'DistributedTrainer',
-           'distrib_ctx']
+           'DistributedTrainer']
 
-# %% nbs/08_distributed.ipynb cell 2 (id: fa1e1580)
+# %% nbs/08_distributed.ipynb (id: fa1e1580)
 import contextlib, math, os, warnings
 
 import torch
@@ -24,12 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Subset
 
 from exp.datablock import shard_batches
-from exp.learner import (Callback, GatherPreds, TensorLoader, cat_batches, distrib_barrier, find_bs, noop, num_distrib,
-                         rank_distrib, to_cpu, unwrap_model)
+from exp.torch_core import cat_batches, distrib_barrier, find_bs, num_distrib, rank_distrib, to_cpu, unwrap_model
+from exp.callback_core import Callback
+from exp.minibatch import TensorLoader
+from exp.core import patch
+from exp.learner import GatherPreds, Learner, noop
 
 if dist.is_available(): import torch.distributed.nn   # before any process group exists: see "leaving" below
 
-# %% nbs/08_distributed.ipynb cell 5 (id: 6b9e2852)
+# %% nbs/08_distributed.ipynb (id: 6b9e2852)
 def local_rank_distrib():
     "This process's rank on its machine, torchrun's `LOCAL_RANK` (0 alone): the GPU it drives."
     return int(os.environ.get('LOCAL_RANK', 0))
@@ -54,7 +56,7 @@ def teardown_distrib(wait=True):
     if wait: distrib_barrier()
     dist.destroy_process_group()
 
-# %% nbs/08_distributed.ipynb cell 8 (id: bb78d631)
+# %% nbs/08_distributed.ipynb (id: bb78d631)
 def _comm_device():
     "Where tensors must be for collectives: the current GPU under NCCL, else the CPU."
     if dist.get_backend() == 'nccl': return torch.device('cuda', torch.cuda.current_device())
@@ -108,7 +110,7 @@ class DistributedTensorLoader:
         for j in shard_batches(self._order(), self.dl.bs, len(self.dl), self.rank, self.world_size, self.train):
             yield self._batch(j)
 
-# %% nbs/08_distributed.ipynb cell 14 (id: 55dac959)
+# %% nbs/08_distributed.ipynb (id: 55dac959)
 def _torch_loader_kwargs(dl):
     kw = dict(num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, timeout=dl.timeout,
               worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context,
@@ -139,7 +141,7 @@ def shard_loader(dl, rank=None, world_size=None, train=True, seed=0):
     share = torch.arange(len(dl.dataset)).tensor_split(world_size)[rank].tolist()
     return DataLoader(Subset(dl.dataset, share), batch_size=bs, shuffle=False, **_torch_loader_kwargs(dl))
 
-# %% nbs/08_distributed.ipynb cell 18 (id: e25087da)
+# %% nbs/08_distributed.ipynb (id: e25087da)
 def reduce_metrics(metrics):
     "Sum the `total` and `count` of each batch-size-weighted metric (`AvgMetric`, `AvgLoss`) over all processes."
     ms = [m for m in metrics if hasattr(m, 'total') and hasattr(m, 'count')]
@@ -177,7 +179,7 @@ def sync_buffers(model, src=0):
         dist.broadcast(c, src)
         if c is not b: b.copy_(c)
 
-# %% nbs/08_distributed.ipynb cell 21 (id: b21e465e)
+# %% nbs/08_distributed.ipynb (id: b21e465e)
 class DistributedTrainer(Callback):
     "Train as one of several processes: DDP, sharded data, metrics and predictions over all processes, Ctrl-C agreed."
     order = -20
@@ -211,7 +213,7 @@ class DistributedTrainer(Callback):
         if not learn.training or learn.loss is None: return
         bs = find_bs(learn.yb) or find_bs(learn.xb)
         loss = learn.loss.detach().float().reshape(1)
-        t = torch.cat([loss * bs, torch.tensor([bs, learn.sigint_received], dtype=torch.float32, device=loss.device)])
+        t = torch.cat([loss * bs, torch.tensor([bs, getattr(learn, 'sigint_received', False)], dtype=torch.float32, device=loss.device)])
         t = t.to(_comm_device())
         dist.all_reduce(t)
         learn.loss = (t[0] / t[1]).to(loss.device)            # the mean loss of the whole global batch
@@ -247,26 +249,27 @@ def _move_opt_state(opt, device):
             if isinstance(v, torch.Tensor) and v.device != device and v.dim() > 0: state[k] = v.to(device)
 
 
+@patch
 @contextlib.contextmanager
-def distrib_ctx(learn, sync_bn=True, backend=None, seed=0, check_every=None, **ddp_kwargs):
-    "Context manager: train `learn` with DDP over the processes torchrun started (joining their group); alone, a no-op."
+def distrib_ctx(self: Learner, sync_bn=True, backend=None, seed=0, check_every=None, **ddp_kwargs):
+    "Context manager: train `self` with DDP over the processes torchrun started (joining their group); alone, a no-op."
     if not (dist.is_available() and (dist.is_initialized() or num_distrib() > 1)):
-        yield learn
+        yield self
         return
-    if backend is None and not dist.is_initialized(): backend = 'nccl' if learn.device.type == 'cuda' else 'gloo'
+    if backend is None and not dist.is_initialized(): backend = 'nccl' if self.device.type == 'cuda' else 'gloo'
     created = setup_distrib(backend)
-    if learn.device.type == 'cuda':
-        learn.device = torch.device('cuda', local_rank_distrib())
-        torch.cuda.set_device(learn.device)
-        learn.model.to(learn.device)
-        if learn.opt is not None: _move_opt_state(learn.opt, learn.device)
-    cb, logger, ok = DistributedTrainer(sync_bn, seed, check_every, **ddp_kwargs), learn.logger, False
-    if rank_distrib() != 0: learn.logger = noop
-    learn.add_cb(cb)
+    if self.device.type == 'cuda':
+        self.device = torch.device('cuda', local_rank_distrib())
+        torch.cuda.set_device(self.device)
+        self.model.to(self.device)
+        if self.opt is not None: _move_opt_state(self.opt, self.device)
+    cb, logger, ok = DistributedTrainer(sync_bn, seed, check_every, **ddp_kwargs), self.logger, False
+    if rank_distrib() != 0: self.logger = noop
+    self.add_cb(cb)
     try:
-        yield learn
+        yield self
         ok = True
     finally:
-        learn.remove_cb(cb)
-        learn.logger = logger
+        self.remove_cb(cb)
+        self.logger = logger
         if created: teardown_distrib(wait=ok)                 # after an error the others may never reach a barrier

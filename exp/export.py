@@ -14,29 +14,30 @@ __all__ = ['EXPORT_FORMAT',
            'read_export',
            'load_learner']
 
-# %% nbs/07a_export.ipynb cell 2 (id: d530c562)
+# %% nbs/07a_export.ipynb (id: d530c562)
 import hashlib, inspect, io, json, struct, warnings, zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as st_load, load_file as st_load_file
 from torch import nn
 
 from exp import __version__ as _exp_version
-from exp.core import atomic_write
-from exp.datablock import TfmdDataLoaders
-from exp.hooks import GeneralRelu
-import exp.interpret as _interpret          # loaded learners get show_results and tta from it
-from exp.learner import Flatten, Learner, default_device, error_rate, rank_distrib
-from exp.minibatch import accuracy, cross_entropy
-from exp.regularization import LabelSmoothingCrossEntropy
-from exp.vision import ImageDataLoaders
+import exp.hooks, exp.regularization, exp.vision      # they register the layers, losses and transforms exports may name
+import exp.xresnet                                    # the built-in architectures
+from exp.vision_learner import create_vision_model
+import exp.interpret                                 # loaded learners get predict, show_results and tta from it
+from exp.core import atomic_write, exportable, exportable_name, patch, registered, registered_names
+from exp.datablock import TfmdDataLoaders, Transform
+from exp.learner import Learner
+from exp.torch_core import default_device, rank_distrib
 
-# %% nbs/07a_export.ipynb cell 5 (id: c3b5345c)
+# %% nbs/07a_export.ipynb (id: c3b5345c)
 EXPORT_FORMAT = 'exp-export'
-EXPORT_VERSION = 1
-_MAGIC = b'\x89EXP-EXPORT\r\n\x1a\n'
+EXPORT_VERSION = 2                      # 2: a safetensors file (written); 1: magic, JSON header, weights (still read)
+_MAGIC = b'\x89EXP-EXPORT\r\n\x1a\n'      # the first bytes of a version-1 export
 _MAX_HEADER = 64 << 20
 
 
@@ -48,12 +49,43 @@ class ExportFormatError(ValueError):
     "A file `load_learner` refuses: not an exp export, unsafe (a pickle), damaged, edited or from a newer exp; the message names the file."
 
 
-def _pack(header, payload):
-    "The bytes of an export file: magic, header length, JSON header, weights."
-    hb = json.dumps(header, separators=(',', ':'), allow_nan=False).encode('utf-8')
-    return [_MAGIC, struct.pack('<Q', len(hb)), hb, payload]
+def _digest(text, tensors):
+    "SHA-256 of the description's JSON `text` and of every tensor (name, dtype, shape and bytes, in name order)."
+    h = hashlib.sha256(text.encode('utf-8'))
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f'\0{k}\0{t.dtype}\0{tuple(t.shape)}\0'.encode('utf-8'))
+        if t.numel(): h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-# %% nbs/07a_export.ipynb cell 7 (id: 7aec3ce5)
+
+_ST_DTYPES = {torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16', torch.int64: 'I64',
+              torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8', torch.uint8: 'U8', torch.bool: 'BOOL'}
+
+
+def _safetensors(tensors, metadata):
+    "The bytes of a safetensors file, always the same for the same input: tensors by name, JSON keys sorted, 8-byte aligned."
+    header, blobs, off = {'__metadata__': metadata}, [], 0
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES: raise ExportDescriptionError(f'weight {k!r} has dtype {t.dtype}, which an export cannot hold')
+        b = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
+        header[k] = {'dtype': _ST_DTYPES[t.dtype], 'shape': list(t.shape), 'data_offsets': [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    hb = json.dumps(header, separators=(',', ':'), sort_keys=True).encode('utf-8')
+    hb += b' ' * (-len(hb) % 8)                         # the format's alignment: spaces after the JSON
+    return struct.pack('<Q', len(hb)) + hb + b''.join(blobs)
+
+
+def _pack(header, tensors):
+    "The bytes of an export: a safetensors file of `tensors` whose metadata holds the description `header` and the digest."
+    text = json.dumps(header, separators=(',', ':'), allow_nan=False, sort_keys=True)
+    meta = {'format': EXPORT_FORMAT, 'format_version': str(EXPORT_VERSION), 'description': text,
+            'sha256': _digest(text, tensors)}
+    return _safetensors(tensors, meta)
+
+# %% nbs/07a_export.ipynb (id: 7aec3ce5)
 _TORCH_LAYERS = ('Conv1d', 'Conv2d', 'Conv3d', 'ConvTranspose1d', 'ConvTranspose2d', 'Linear', 'Bilinear', 'Embedding',
                  'BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'LayerNorm', 'GroupNorm', 'InstanceNorm1d', 'InstanceNorm2d',
                  'LocalResponseNorm', 'ReLU', 'ReLU6', 'LeakyReLU', 'PReLU', 'ELU', 'SELU', 'CELU', 'GELU', 'SiLU', 'Mish',
@@ -62,16 +94,28 @@ _TORCH_LAYERS = ('Conv1d', 'Conv2d', 'Conv3d', 'ConvTranspose1d', 'ConvTranspose
                  'AvgPool2d', 'AdaptiveAvgPool1d', 'AdaptiveAvgPool2d', 'AdaptiveMaxPool1d', 'AdaptiveMaxPool2d',
                  'Flatten', 'Unflatten', 'Identity', 'Upsample', 'ZeroPad2d', 'PixelShuffle')
 _LAYERS = {f'nn.{n}': getattr(nn, n) for n in _TORCH_LAYERS if hasattr(nn, n)}
-_LAYERS.update({'exp.learner.Flatten': Flatten, 'exp.hooks.GeneralRelu': GeneralRelu})
+
+
+def _layer_name(m):
+    "The name a leaf module's class is described by: torch's `nn.X`, or its `exportable` name; None if neither."
+    return next((n for n, c in _LAYERS.items() if type(m) is c), None) or (
+        exportable_name(type(m)) if isinstance(m, nn.Module) else None)
+
+
+def _layer_class(name):
+    "The leaf module class `name` describes (torch's, or one registered `exportable`), or None."
+    if not isinstance(name, str): return None
+    if name in _LAYERS: return _LAYERS[name]
+    try: return registered(name, nn.Module)
+    except KeyError: return None
 _ARCHS = {}
 
 
 def register_layer(cls, name=None):
     "Allow leaf module class `cls` in described models (its constructor arguments must be kept as attributes of the same names); both sides must register it."
-    name = name or f'{cls.__module__}.{cls.__qualname__}'
-    if name in _LAYERS and _LAYERS[name] is not cls: raise ValueError(f'register_layer: {name!r} already names {_LAYERS[name]}')
-    _LAYERS[name] = cls
-    return cls
+    default = f'{cls.__module__}.{cls.__qualname__}'
+    try: return exportable(cls, aliases=(name,) if name and name != default else ())
+    except ValueError as e: raise ValueError(f'register_layer: {e}') from None
 
 
 def register_arch(name, factory=None):
@@ -99,9 +143,7 @@ _XRESNETS = ('xresnet18', 'xresnet34', 'xresnet50', 'xresnet_mini', 'xresnet_sma
 
 def _arch_fn(arch):
     "The builder function named `arch`: an exp xresnet, or a torchvision classification model."
-    if arch in _XRESNETS:
-        import exp.xresnet
-        return getattr(exp.xresnet, arch)
+    if arch in _XRESNETS: return getattr(exp.xresnet, arch)
     import torchvision.models as tvm
     if isinstance(arch, str) and arch in tvm.list_models(module=tvm): return tvm.get_model_builder(arch)
     raise ValueError(f'{arch!r} is neither an exp xresnet ({", ".join(_XRESNETS)}) nor a torchvision classification model')
@@ -109,7 +151,6 @@ def _arch_fn(arch):
 
 def _vision_model(arch, n_out, n_in=3, cut=None, concat_pool=True, arch_kwargs=None, **head_kwargs):
     "What `vision_learner` builds for `arch` (a name), untrained: body and head (the 'vision_model' architecture)."
-    from exp.vision_learner import create_vision_model
     return create_vision_model(_arch_fn(arch), n_out, pretrained=False, cut=cut, n_in=n_in, concat_pool=concat_pool,
                                arch_kwargs=arch_kwargs, **head_kwargs)
 
@@ -138,7 +179,7 @@ def build_arch(name, **kwargs):
     model.arch_spec = {'name': name, 'kwargs': kwargs}
     return model
 
-# %% nbs/07a_export.ipynb cell 8 (id: a0956a4c)
+# %% nbs/07a_export.ipynb (id: a0956a4c)
 def _plain_arg(v, where):
     "`v` as JSON data (tuples become lists), or ExportDescriptionError."
     if v is None or isinstance(v, (bool, str)): return v
@@ -201,7 +242,7 @@ def _describe(m, where):
         return {'arch': spec['name'], 'kwargs': _plain_arg(dict(spec.get('kwargs') or {}), f'{where}.arch_spec.kwargs')}
     if type(m) is nn.Sequential:
         return {'sequential': [[n, _describe(c, f'{where}.{n}')] for n, c in m.named_children()]}
-    name = next((n for n, c in _LAYERS.items() if type(m) is c), None)
+    name = _layer_name(m)
     if name is None or any(True for _ in m.children()): raise ExportDescriptionError(_cannot_describe(m, where))
     return {'layer': name, 'args': _layer_args(m, where)}
 
@@ -228,7 +269,7 @@ def _build(d, where):
             raise ValueError(f'{where}: a sequential stack must be a list of [name, description] pairs')
         return nn.Sequential(OrderedDict((n, _build(c, f'{where}.{n}')) for n, c in items))
     if 'layer' in d:
-        cls = _LAYERS.get(d['layer']) if isinstance(d['layer'], str) else None
+        cls = _layer_class(d['layer'])
         if cls is None: raise ValueError(f'{where}: unknown layer {d["layer"]!r} (exp only builds the layers it lists, and registered ones)')
         args = d.get('args', {})
         if not isinstance(args, dict): raise ValueError(f'{where}: the arguments of {d["layer"]} are not an object')
@@ -241,7 +282,7 @@ def build_model(desc):
     "A fresh model from `describe_model`'s description (weights are loaded separately): only allow-listed layers and registered architectures."
     return _build(desc, 'model')
 
-# %% nbs/07a_export.ipynb cell 16 (id: c974fb19)
+# %% nbs/07a_export.ipynb (id: c974fb19)
 def _check_rebuild(model, desc):
     "Rebuild `desc` on the meta device and compare it with `model` (modules and weight shapes); ExportDescriptionError on a difference."
     try:
@@ -263,17 +304,25 @@ def _first_diff(a, b):
         if x != y: return f'model has {x.strip()!r}, description gives {y.strip()!r}'
     return 'the structures differ'
 
-# %% nbs/07a_export.ipynb cell 19 (id: 1dbced71)
-_TFMS = {f'exp.vision.{n}' for n in ('Resize', 'RandomResizedCrop', 'ToTensor', 'IntToFloatTensor', 'Normalize',
-                                     'AffineCoordTfm', 'Flip', 'Dihedral', 'Rotate', 'Zoom', 'Warp', 'LightingTfm',
-                                     'Brightness', 'Contrast', 'RandPad')} | {'exp.datablock.Categorize'}
-_TFM_FUNCS = {'exp.vision.PILImage.create', 'exp.vision.PILImageBW.create'}
-_DLS = {'TfmdDataLoaders': TfmdDataLoaders, 'ImageDataLoaders': ImageDataLoaders}
+# %% nbs/07a_export.ipynb (id: 1dbced71)
 _LOSSES = {f'nn.{n}': getattr(nn, n) for n in ('CrossEntropyLoss', 'NLLLoss', 'BCEWithLogitsLoss', 'BCELoss', 'MSELoss',
                                               'L1Loss', 'SmoothL1Loss', 'HuberLoss')}
-_LOSSES['exp.regularization.LabelSmoothingCrossEntropy'] = LabelSmoothingCrossEntropy
-_LOSS_FUNCS = {'F.cross_entropy': F.cross_entropy, 'F.mse_loss': F.mse_loss, 'exp.minibatch.cross_entropy': cross_entropy}
-_METRICS = {'accuracy': accuracy, 'error_rate': error_rate}
+_LOSS_FUNCS = {'F.cross_entropy': F.cross_entropy, 'F.mse_loss': F.mse_loss}
+
+
+def _registered_or_none(name, kind=None):
+    try: return registered(name, kind)
+    except KeyError: return None
+
+
+def _loss_class(name): return _LOSSES.get(name) or _registered_or_none(name, nn.Module)
+def _loss_func(name): return _LOSS_FUNCS.get(name) or (lambda f: f if f is not None and not isinstance(f, type) else None)(_registered_or_none(name))
+def _dls_class(name): return next((registered(n) for n in registered_names(TfmdDataLoaders) if n.rsplit('.', 1)[-1] == name), None)
+
+
+def _metric(name):
+    "The registered metric function whose `__name__` is `name` (what a learner's metric is called in its table), or None."
+    return next((registered(n) for n in registered_names(callables=True) if getattr(registered(n), '__name__', None) == name), None)
 
 
 def _is_tfm(o): return isinstance(o, dict) and ('func' in o or ('name' in o and 'args' in o))
@@ -283,10 +332,13 @@ def _check_tfms(o, where, bad):
     "Walk a pipeline spec: every transform (or function) named must be in exp's allow-list; `bad(msg)` raises."
     if _is_tfm(o):
         if 'func' in o:
-            if o['func'] not in _TFM_FUNCS: bad(f'{where}: unknown function {o["func"]!r} (exp only rebuilds {sorted(_TFM_FUNCS)})')
+            f = _registered_or_none(o['func'])
+            if f is None or isinstance(f, type):
+                bad(f'{where}: unknown function {o["func"]!r} (exp only rebuilds registered ones: {", ".join(registered_names(callables=True))})')
             return
-        if o['name'] not in _TFMS:
-            bad(f'{where}: unknown transform {o["name"]!r} (exp only rebuilds its own: {", ".join(sorted(t.split(".")[-1] for t in _TFMS))})')
+        if _registered_or_none(o['name'], Transform) is None:
+            names = sorted({n.rsplit('.', 1)[-1] for n in registered_names(Transform)})
+            bad(f'{where}: unknown transform {o["name"]!r} (exp only rebuilds registered ones: {", ".join(names)})')
         if not isinstance(o['args'], dict): bad(f'{where}: the arguments of {o["name"]} are not an object')
         for k, v in o['args'].items(): _check_tfms(v, f'{where}.{k}', bad)
     elif isinstance(o, dict):
@@ -316,7 +368,7 @@ def _raise(exc):
 
 
 def _describe_dls(dls):
-    if type(dls).__name__ not in _DLS or not hasattr(dls, 'spec'):
+    if _dls_class(type(dls).__name__) is not type(dls) or not hasattr(dls, 'spec'):
         raise ExportDescriptionError(f'learn.dls is a {type(dls).__name__}: export describes loaders built by DataBlock or '
                                      f'ImageDataLoaders (their validation pipeline is what predict needs)')
     try: spec = dls.spec()
@@ -331,12 +383,12 @@ def _describe_loss(lf):
     "`{'loss': name, 'args': {...}}` for a known loss, else None with a warning (inference does not need the loss)."
     try:
         if isinstance(lf, nn.Module):
-            name = next((n for n, c in _LOSSES.items() if type(lf) is c), None)
+            name = next((n for n, c in _LOSSES.items() if type(lf) is c), None) or exportable_name(type(lf))
             if name is not None:
                 d = {'loss': name, 'args': _layer_args(lf, 'loss_func')}
                 if repr(_build_loss(d)) == repr(lf): return d
         else:
-            name = next((n for n, f in _LOSS_FUNCS.items() if lf is f), None)
+            name = next((n for n, f in _LOSS_FUNCS.items() if lf is f), None) or exportable_name(lf)
             if name is not None: return {'loss': name}
     except ExportDescriptionError: pass
     warnings.warn(f'export: loss function {lf!r} cannot be described as data; the loaded learner will use '
@@ -348,15 +400,15 @@ def _describe_loss(lf):
 def _build_loss(d):
     if d is None: return nn.CrossEntropyLoss()
     if not isinstance(d, dict) or not isinstance(d.get('loss'), str): raise ValueError('the loss function description is not valid')
-    if d['loss'] in _LOSS_FUNCS: return _LOSS_FUNCS[d['loss']]
-    cls = _LOSSES.get(d['loss'])
+    if _loss_func(d['loss']) is not None: return _loss_func(d['loss'])
+    cls = _loss_class(d['loss'])
     if cls is None: raise ValueError(f'unknown loss function {d["loss"]!r}')
     args = d.get('args', {})
     if not isinstance(args, dict): raise ValueError(f'the arguments of {d["loss"]} are not an object')
     try: return cls(**{k: v for k, v in _tuples(args).items() if k not in ('size_average', 'reduce')})
     except Exception as e: raise ValueError(f'{d["loss"]} could not be built from {args}: {e}') from None
 
-# %% nbs/07a_export.ipynb cell 21 (id: 5b10a8ae)
+# %% nbs/07a_export.ipynb (id: 5b10a8ae)
 def learner_description(learn):
     "The header `export` writes for `learn` (model, data pipeline, loss, metrics, versions), checked to rebuild; raises `ExportDescriptionError` if it cannot."
     model = getattr(learn.model, '_orig_mod', learn.model)
@@ -375,26 +427,23 @@ def _weights(model):
     return {k: v.detach().to('cpu', copy=True).contiguous() for k, v in getattr(model, '_orig_mod', model).state_dict().items()}
 
 
-def _export(self, fname='export.pkl'):
-    "Save this learner for inference in `path/fname` (fastai's name; not a pickle): a JSON description and safetensors weights, written atomically (rank 0 only)."
+@patch
+def export(self: Learner, fname='export.pkl'):
+    "Save this learner for inference in `path/fname` (fastai's name; not a pickle): a safetensors file with the description in its metadata, written atomically (rank 0 only)."
     path = Path(self.path) / fname
     if rank_distrib() != 0: return path                 # under DDP every process holds the same weights
-    from safetensors.torch import save as st_save
-    header = learner_description(self)
-    payload = st_save(_weights(self.model))
-    header['weights'] = {'bytes': len(payload), 'sha256': hashlib.sha256(payload).hexdigest()}
-    with atomic_write(path) as f:
-        for chunk in _pack(header, payload): f.write(chunk)
+    data = _pack(learner_description(self), _weights(self.model))
+    with atomic_write(path) as f: f.write(data)
     return path
 
-# %% nbs/07a_export.ipynb cell 23 (id: 5bb09471)
-def _looks_like(data):
-    "What a file that is not an exp export seems to be, for the error message."
+# %% nbs/07a_export.ipynb (id: 5bb09471)
+def _looks_like(data, path=None):
+    "What a file that is not an exp export seems to be, from its first bytes `data` (and its `path`), for the error message."
     if not data: return 'an empty file'
     if (data[:1] == b'\x80' and len(data) > 1 and 2 <= data[1] <= 5) or (data[:1] in b'(]}cI' and data.rstrip().endswith(b'.')):
         return 'looks like a Python pickle; refusing to load it because unpickling can run arbitrary code'
     if data[:4] == b'PK\x03\x04':
-        try: names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        try: names = zipfile.ZipFile(path if path is not None else io.BytesIO(data)).namelist()   # the index only
         except Exception: names = []
         if any(n.endswith('.pkl') for n in names):
             return ('looks like a torch.save file or a fastai export: a zip holding a Python pickle; refusing to load it '
@@ -408,54 +457,96 @@ def _looks_like(data):
     except UnicodeDecodeError: return 'unknown binary content'
 
 
-def _unpack(data, name):
-    "Header (dict) and payload of export bytes `data`, or ExportFormatError."
-    if not data.startswith(_MAGIC):
-        if data and _MAGIC.startswith(data[:len(_MAGIC)]): raise ExportFormatError(f'{name}: truncated exp export')
-        raise ExportFormatError(f'{name}: not an exp export ({_looks_like(data)})')
+def _json(text, name, what):
+    "`json.loads(text)`, or an ExportFormatError naming the file: invalid, too deeply nested, or a number too long."
+    try: return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportFormatError(f'{name}: damaged or edited exp export: {what} is not valid JSON ({e})') from None
+    except (RecursionError, ValueError) as e:
+        raise ExportFormatError(f'{name}: refused: {what} is nested too deeply or holds a number too long to read '
+                                f'({type(e).__name__})') from None
+
+
+def _unpack_v1(data, name):
+    "Header and weight bytes of a version-1 export (magic, header length, JSON header, weights), or ExportFormatError."
+    if not data.startswith(_MAGIC): raise ExportFormatError(f'{name}: truncated exp export')
     start = len(_MAGIC) + 8
     if len(data) < start: raise ExportFormatError(f'{name}: truncated exp export (no header)')
     n = struct.unpack('<Q', data[len(_MAGIC):start])[0]
     if n > _MAX_HEADER or start + n > len(data):
         raise ExportFormatError(f'{name}: damaged or truncated exp export (header of {n} bytes, file of {len(data)})')
-    try: header = json.loads(data[start:start + n].decode('utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportFormatError(f'{name}: damaged or edited exp export: the header is not valid JSON ({e})') from None
+    header = _json(data[start:start + n].decode('utf-8', 'replace'), name, 'the header')
     if not isinstance(header, dict): raise ExportFormatError(f'{name}: damaged or edited exp export: the header is not an object')
-    return header, data[start + n:]
-
-
-def _check_header(h, payload, name):
-    "Format, version and weights of an export header; ExportFormatError naming the file."
-    if h.get('format') != EXPORT_FORMAT: raise ExportFormatError(f'{name}: not an exp export (its header says format {h.get("format")!r})')
-    v = h.get('format_version')
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ExportFormatError(f'{name}: damaged or edited exp export: format_version {v!r} is not one exp ever wrote')
-    if v > EXPORT_VERSION:
-        raise ExportFormatError(f'{name}: written by exp {h.get("exp_version", "?")} in export format {v}; this exp '
-                                f'({_exp_version}) reads format {EXPORT_VERSION} and older: upgrade exp to load it')
-    for k, t in (('model', dict), ('dls', dict), ('weights', dict), ('metrics', list)):
-        if not isinstance(h.get(k), t): raise ExportFormatError(f'{name}: damaged or edited exp export: no valid {k!r} in the header')
-    w = h['weights']
+    payload = data[start + n:]
+    w = header.get('weights') if isinstance(header.get('weights'), dict) else {}
     if w.get('bytes') != len(payload):
         what = 'truncated' if isinstance(w.get('bytes'), int) and len(payload) < w['bytes'] else 'damaged or edited'
         raise ExportFormatError(f'{name}: {what} exp export: the header promises {w.get("bytes")} bytes of weights, '
                                 f'the file holds {len(payload)}')
     if w.get('sha256') != hashlib.sha256(payload).hexdigest():
         raise ExportFormatError(f'{name}: damaged or edited exp export: the weights do not match their SHA-256 checksum')
+    return header, payload
+
+
+def _check_version(v, exp_version, name):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ExportFormatError(f'{name}: damaged or edited exp export: format_version {v!r} is not one exp ever wrote')
+    if v > EXPORT_VERSION:
+        raise ExportFormatError(f'{name}: written by exp {exp_version or "?"} in export format {v}; this exp '
+                                f'({_exp_version}) reads format {EXPORT_VERSION} and older: upgrade exp to load it')
+
+
+def _check_header(h, name):
+    "Format, version and the description's parts; ExportFormatError naming the file."
+    if h.get('format') != EXPORT_FORMAT: raise ExportFormatError(f'{name}: not an exp export (its header says format {h.get("format")!r})')
+    _check_version(h.get('format_version'), h.get('exp_version'), name)
+    for k, t in (('model', dict), ('dls', dict), ('metrics', list)):
+        if not isinstance(h.get(k), t): raise ExportFormatError(f'{name}: damaged or edited exp export: no valid {k!r} in the header')
+
+
+def _read_safetensors(p, start, size, name):
+    "Description and tensors of a version-2 export (a safetensors file), checked against its digest."
+    n = struct.unpack('<Q', start[:8])[0]
+    if start[8:9] != b'{' or n > _MAX_HEADER: raise ExportFormatError(f'{name}: not an exp export ({_looks_like(start, p)})')
+    if 8 + n > size:
+        raise ExportFormatError(f'{name}: damaged or truncated exp export (a header of {n} bytes in a file of {size})')
+    with open(p, 'rb') as f:
+        f.seek(8)
+        st_header = _json(f.read(n).decode('utf-8', 'replace'), name, 'the safetensors header')
+    meta = st_header.get('__metadata__') if isinstance(st_header, dict) else None
+    if not isinstance(meta, dict) or 'format' not in meta:
+        raise ExportFormatError(f'{name}: not an exp export (looks like a bare safetensors file: weights without the '
+                                f'description load_learner needs)')
+    if meta['format'] != EXPORT_FORMAT: raise ExportFormatError(f'{name}: not an exp export (its metadata says format {meta["format"]!r})')
+    v = meta.get('format_version')
+    _check_version(int(v) if isinstance(v, str) and v.isdigit() else v, None, name)
+    text = meta.get('description')
+    header = _json(text if isinstance(text, str) else '', name, 'the description')
+    if not isinstance(header, dict): raise ExportFormatError(f'{name}: damaged or edited exp export: the description is not an object')
+    try: tensors = st_load_file(p, device='cpu')
+    except Exception as e: raise ExportFormatError(f'{name}: damaged exp export: the weights cannot be read ({e})') from None
+    if meta.get('sha256') != _digest(text, tensors):
+        raise ExportFormatError(f'{name}: damaged or edited exp export: the description or the weights do not match their '
+                                f'SHA-256 checksum (an export is only loaded as it was written)')
+    return header, tensors
 
 
 def read_export(fname):
     "The checked header (dict) and weights (CPU tensors) of export `fname`; `ExportFormatError` for anything that is not a sound exp export."
-    from safetensors.torch import load as st_load
     p = Path(fname)
     if p.is_dir(): raise IsADirectoryError(f'{p}: is a folder; pass the export file itself (e.g. {p / "export.pkl"})')
     if not p.exists(): raise FileNotFoundError(f'{p}: no such file')
-    data = p.read_bytes()
-    header, payload = _unpack(data, str(p))
-    _check_header(header, payload, str(p))
-    try: tensors = st_load(payload)
-    except Exception as e: raise ExportFormatError(f'{p}: damaged exp export: the weights cannot be read ({e})') from None
+    name, size = str(p), p.stat().st_size
+    with open(p, 'rb') as f: start = f.read(4096)
+    if start[:len(_MAGIC)] == _MAGIC[:len(start[:len(_MAGIC)])] and start:     # version 1 (whole, or cut short)
+        header, payload = _unpack_v1(p.read_bytes(), name)
+        _check_header(header, name)
+        try: tensors = st_load(payload)
+        except Exception as e: raise ExportFormatError(f'{p}: damaged exp export: the weights cannot be read ({e})') from None
+        return header, tensors
+    if len(start) < 9: raise ExportFormatError(f'{name}: not an exp export ({_looks_like(start, p)})')
+    header, tensors = _read_safetensors(p, start, size, name)
+    _check_header(header, name)
     return header, tensors
 
 
@@ -476,7 +567,7 @@ def load_learner(fname, cpu=True):
     header, tensors = read_export(fname)
     name, bad = str(fname), _raise(ExportFormatError)
     d = header['dls']
-    if d.get('class') not in _DLS: bad(f'{name}: unknown loaders class {d.get("class")!r}')
+    if _dls_class(d.get('class')) is None: bad(f'{name}: unknown loaders class {d.get("class")!r}')
     _check_spec(d.get('spec'), lambda msg: bad(f'{name}: {msg}'))
     if header.get('dtype', 'float32') not in _DTYPES: bad(f'{name}: unknown dtype {header.get("dtype")!r}')
     try:
@@ -489,12 +580,9 @@ def load_learner(fname, cpu=True):
     model.to(_DTYPES[header.get('dtype', 'float32')]).eval()
     device = torch.device('cpu') if cpu else default_device()
     bs = d.get('bs', 64)
-    try: dls = _DLS[d['class']].from_spec(d['spec'], path=Path(fname).parent, device=device, bs=bs if isinstance(bs, int) and bs > 0 else 64)
+    try: dls = _dls_class(d['class']).from_spec(d['spec'], path=Path(fname).parent, device=device, bs=bs if isinstance(bs, int) and bs > 0 else 64)
     except Exception as e: raise ExportFormatError(f'{name}: the data pipeline cannot be rebuilt: {e}') from None
     try: loss = _build_loss(header.get('loss_func'))
     except ValueError as e: raise ExportFormatError(f'{name}: {e}') from None
-    metrics = [_METRICS[m] for m in header['metrics'] if isinstance(m, str) and m in _METRICS]
+    metrics = [_metric(m) for m in header['metrics'] if isinstance(m, str) and _metric(m) is not None]
     return Learner(dls, model, loss_func=loss, metrics=metrics, path=Path(fname).parent, device=device)
-
-# %% nbs/07a_export.ipynb cell 25 (id: 49fd93be)
-Learner.export = _export

@@ -12,18 +12,18 @@ __all__ = ['normalize',
            'kaiming_normal_',
            'init_weights']
 
-# %% nbs/02a_fully_connected.ipynb cell 4 (id: 587e4128)
+# %% nbs/02a_fully_connected.ipynb (id: 587e4128)
 import math
 
 import torch
 from torch import nn
 
-# %% nbs/02a_fully_connected.ipynb cell 8 (id: d454b4d6)
+# %% nbs/02a_fully_connected.ipynb (id: d454b4d6)
 def normalize(x, m, s):
     "Standardise `x` with mean `m` and standard deviation `s` (use the training set's for every set)."
     return (x - m) / s
 
-# %% nbs/02a_fully_connected.ipynb cell 14 (id: 6c1d8506)
+# %% nbs/02a_fully_connected.ipynb (id: 6c1d8506)
 def lin(x, w, b):
     "A linear layer with `w` stored as (n_in, n_out): `x @ w + b`."
     return x @ w + b
@@ -33,12 +33,12 @@ def relu(x):
     "Rectified linear unit: negative values clamped to 0."
     return x.clamp_min(0.)
 
-# %% nbs/02a_fully_connected.ipynb cell 18 (id: 5a0afd98)
+# %% nbs/02a_fully_connected.ipynb (id: 5a0afd98)
 def mse(output, targ):
     "Mean squared error between a one-column `output` (n, 1) and a target vector `targ` (n,)."
     return (output.squeeze(-1) - targ).pow(2).mean()
 
-# %% nbs/02a_fully_connected.ipynb cell 29 (id: 8391df49)
+# %% nbs/02a_fully_connected.ipynb (id: 8391df49)
 class Module:
     "A layer with a hand-written backward pass: calling it runs `forward` and keeps inputs and output."
     def __call__(self, *args):
@@ -77,7 +77,7 @@ class Mse(Module):
     def forward(self, inp, targ): return mse(inp, targ)
     def bwd(self, out, inp, targ): inp.g = 2. * (inp.squeeze(-1) - targ).unsqueeze(-1) / targ.shape[0]
 
-# %% nbs/02a_fully_connected.ipynb cell 36 (id: 3bc02d89)
+# %% nbs/02a_fully_connected.ipynb (id: 3bc02d89)
 def gain(a=0.):
     "Kaiming gain for a leaky ReLU of negative slope `a` (a=0: ReLU): `sqrt(2 / (1 + a^2))`."
     return math.sqrt(2. / (1 + a ** 2))

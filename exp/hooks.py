@@ -15,7 +15,7 @@ __all__ = ['Hook',
            'init_cnn',
            'lsuv_init']
 
-# %% nbs/05_hooks.ipynb cell 2 (id: 92230bc3)
+# %% nbs/05_hooks.ipynb (id: 92230bc3)
 import math
 
 import torch
@@ -23,18 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from exp.fully_connected import kaiming_normal_
-from exp.learner import Callback, Flatten
+from exp.torch_core import Flatten, to_detach
+from exp.callback_core import Callback
+from exp.core import exportable
 
-# %% nbs/05_hooks.ipynb cell 5 (id: 0151468f)
-def _detach(o, cpu=False):
-    "Detach the tensors in `o` (nested in lists and tuples), moving them to the CPU if `cpu`."
-    if isinstance(o, torch.Tensor):
-        o = o.detach()
-        return o.cpu() if cpu else o
-    if isinstance(o, (list, tuple)): return type(o)(_detach(x, cpu) for x in o)
-    return o
-
-
+# %% nbs/05_hooks.ipynb (id: 0151468f)
 class Hook:
     "Register `hook_func(module, input, output)` on `m`; what it returns is kept in `stored`. A context manager."
     def __init__(self, m, hook_func, is_forward=True, detach=True, cpu=False):
@@ -44,7 +37,7 @@ class Hook:
 
     def hook_fn(self, module, input, output):
         "What PyTorch calls: apply `hook_func` (to detached tensors if `detach`) and store the result."
-        if self.detach: input, output = _detach(input, self.cpu), _detach(output, self.cpu)
+        if self.detach: input, output = to_detach(input, self.cpu), to_detach(output, self.cpu)
         self.stored = self.hook_func(module, input, output)
 
     def remove(self):
@@ -54,7 +47,7 @@ class Hook:
     def __enter__(self): return self
     def __exit__(self, *args): self.remove()
 
-# %% nbs/05_hooks.ipynb cell 13 (id: b763ba7c)
+# %% nbs/05_hooks.ipynb (id: b763ba7c)
 class Hooks:
     "A `Hook` with `hook_func` on each module of `ms`: indexable, iterable, `stored` lists the results. A context manager."
     def __init__(self, ms, hook_func, is_forward=True, detach=True, cpu=False):
@@ -89,7 +82,7 @@ def hook_outputs(modules, detach=True, cpu=False, grad=False):
     "`Hooks` that keep each module's output (or, if `grad`, the gradients with respect to it)."
     return Hooks(modules, _hook_inner, is_forward=not grad, detach=detach, cpu=cpu)
 
-# %% nbs/05_hooks.ipynb cell 18 (id: 60c5215d)
+# %% nbs/05_hooks.ipynb (id: 60c5215d)
 def dummy_eval(m, size=(64, 64), n_in=3):
     "Run `m` (in eval mode, without gradients) on a batch of one `n_in`-channel zero image of `size`."
     p = next(m.parameters(), None)
@@ -112,7 +105,7 @@ def num_features_model(m, n_in=3):
     "Number of output channels (features) of `m`: its last child's output on a dummy image."
     return model_sizes(m, size=(64, 64), n_in=n_in)[-1][1]
 
-# %% nbs/05_hooks.ipynb cell 21 (id: 599ced6d)
+# %% nbs/05_hooks.ipynb (id: 599ced6d)
 def conv_block(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None):
     "A `ks`x`ks` conv (no bias if a `norm` follows), then `norm(nf)` if given, then `act()` if given."
     layers = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=norm is None)]
@@ -127,7 +120,7 @@ def get_cnn(nfs=(8, 16, 32, 64), n_out=10, act=nn.ReLU, norm=None, n_in=1):
     blocks = [conv_block(nfs[i], nfs[i + 1], ks=5 if i == 0 else 3, act=act, norm=norm) for i in range(len(nfs) - 1)]
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(nfs[-1], n_out))
 
-# %% nbs/05_hooks.ipynb cell 24 (id: 557d3399)
+# %% nbs/05_hooks.ipynb (id: 557d3399)
 class HookCallback(Callback):
     "Callback putting `self.hook(module, input, output)` on `modules` for each fit; subclasses define `hook`."
     order = -10
@@ -232,7 +225,8 @@ def _subplots(nrows, ncols, figsize):
     fig, axs = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
     return fig, list(axs.flatten())
 
-# %% nbs/05_hooks.ipynb cell 26 (id: d3049615)
+# %% nbs/05_hooks.ipynb (id: d3049615)
+@exportable
 class GeneralRelu(nn.Module):
     "ReLU with a `leak` for negative inputs, shifted down by `sub` and clamped at `maxv` (each optional)."
     def __init__(self, leak=None, sub=None, maxv=None):
@@ -260,7 +254,7 @@ def init_cnn(m, leaky=0.):
     for c in m.children(): init_cnn(c, leaky)
     return m
 
-# %% nbs/05_hooks.ipynb cell 29 (id: e6ba89e8)
+# %% nbs/05_hooks.ipynb (id: e6ba89e8)
 def _mean_std(m, i, o): return o.float().mean().item(), o.float().std().item()
 
 

@@ -6,7 +6,7 @@ __all__ = ['Image',
            'LabelList',
            'LabelLists']
 
-# %% nbs/04b_imagelist.ipynb cell 2 (id: 95dc3e72)
+# %% nbs/04b_imagelist.ipynb (id: 95dc3e72)
 import random
 from pathlib import Path
 
@@ -14,12 +14,12 @@ import PIL.Image
 import torch
 
 from exp.core import L, listify
-from exp.datablock import (Category, Categorize, Datasets, Pipeline, RegexLabeller, dataloaders_from_dsets, get_files,
-                           image_extensions, parent_label, warn_empty_label_folders, _mk_tfm)
+from exp.datablock import (Categorize, Category, dataloaders_from_dsets, Datasets, get_files, image_extensions,
+                           _mk_tfm, parent_label, Pipeline, RandomSplitter, RegexLabeller, warn_empty_label_folders)
 from exp.vision import (ImageDataLoaders, IntToFloatTensor, PILImage, PILImageBW, Resize, ResizeMethod, ToTensor,
                         show_image)
 
-# %% nbs/04b_imagelist.ipynb cell 5 (id: 875008e3)
+# %% nbs/04b_imagelist.ipynb (id: 875008e3)
 class Image:
     "fastai v1's `Image`: a `(C, H, W)` uint8 tensor `px` (`data`: as floats in [0, 1]); prints as `Image (1, 28, 28)`."
     def __init__(self, px): self.px = px.as_subclass(torch.Tensor) if isinstance(px, torch.Tensor) else torch.as_tensor(px)
@@ -117,7 +117,6 @@ class ImageList:
 
     def split_by_rand_pct(self, valid_pct=0.2, seed=None):
         "A random `valid_pct` of the items for validation (reproducible with a `seed`)."
-        from exp.datablock import RandomSplitter
         return self._split(*RandomSplitter(valid_pct, seed)(self.items))
 
     def split_by_idx(self, valid_idx):
@@ -134,7 +133,7 @@ class ImageList:
         "All items for training, none for validation."
         return self._split(range(len(self)), [])
 
-# %% nbs/04b_imagelist.ipynb cell 7 (id: aecf33b1)
+# %% nbs/04b_imagelist.ipynb (id: aecf33b1)
 def _is_item_tfm(t):
     types = _mk_tfm(t).input_types or ()
     return any(isinstance(ty, type) and issubclass(ty, PIL.Image.Image) for ty in types)

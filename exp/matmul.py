@@ -6,7 +6,7 @@ __all__ = ['matmul',
            'matmul_einsum',
            'matmul_torch']
 
-# %% nbs/01_matmul.ipynb cell 6 (id: f99985ca)
+# %% nbs/01_matmul.ipynb (id: f99985ca)
 import torch
 
 
@@ -20,7 +20,7 @@ def matmul(a, b):
             for k in range(ac): c[i, j] += a[i, k] * b[k, j]
     return c
 
-# %% nbs/01_matmul.ipynb cell 12 (id: e53a2210)
+# %% nbs/01_matmul.ipynb (id: e53a2210)
 def matmul_elementwise(a, b):
     "Matrix product with the inner loop replaced by an elementwise product and a sum (a loop in C)."
     (ar, ac), (br, bc) = a.shape, b.shape
@@ -30,7 +30,7 @@ def matmul_elementwise(a, b):
         for j in range(bc): c[i, j] = (a[i, :] * b[:, j]).sum()
     return c
 
-# %% nbs/01_matmul.ipynb cell 39 (id: 80806383)
+# %% nbs/01_matmul.ipynb (id: 80806383)
 def matmul_broadcast(a, b):
     "Matrix product with one Python loop over rows: each row of `a` is broadcast against all of `b`."
     (ar, ac), (br, bc) = a.shape, b.shape
@@ -39,12 +39,12 @@ def matmul_broadcast(a, b):
     for i in range(ar): c[i] = (a[i, :, None] * b).sum(dim=0)
     return c
 
-# %% nbs/01_matmul.ipynb cell 42 (id: 8fb66992)
+# %% nbs/01_matmul.ipynb (id: 8fb66992)
 def matmul_einsum(a, b):
     "Matrix product in index notation, `einsum('ik,kj->ij')`: a single call, no Python loop."
     return torch.einsum('ik,kj->ij', a, b)
 
-# %% nbs/01_matmul.ipynb cell 45 (id: cf7b0d29)
+# %% nbs/01_matmul.ipynb (id: cf7b0d29)
 def matmul_torch(a, b):
     "Matrix product with PyTorch's `@` (`torch.matmul`, backed by BLAS): the reference."
     return a @ b

@@ -17,9 +17,11 @@ __all__ = ['logsumexp',
            'collate',
            'DataLoader',
            'DataLoaders',
-           'fit']
+           'fit',
+           'TensorLoader',
+           'fashion_mnist_dls']
 
-# %% nbs/02b_minibatch.ipynb cell 4 (id: 8db00d93)
+# %% nbs/02b_minibatch.ipynb (id: 8db00d93)
 import copy
 import itertools
 import math
@@ -28,7 +30,10 @@ from collections import defaultdict
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 
-# %% nbs/02b_minibatch.ipynb cell 11 (id: 7b2d4c2e)
+from exp.data import load_fashion_mnist
+from exp.core import exportable
+
+# %% nbs/02b_minibatch.ipynb (id: 7b2d4c2e)
 def logsumexp(x, dim=-1, keepdim=False):
     "`log(exp(x).sum(dim))` computed stably: the max is factored out before exponentiating."
     a = x.amax(dim, keepdim=True)
@@ -40,22 +45,24 @@ def log_softmax(x, dim=-1):
     "Log of the softmax over `dim`, via `logsumexp` (no overflow on large logits)."
     return x - logsumexp(x, dim, keepdim=True)
 
-# %% nbs/02b_minibatch.ipynb cell 16 (id: 654b1fdd)
+# %% nbs/02b_minibatch.ipynb (id: 654b1fdd)
 def nll(inp, targ):
     "Negative log likelihood: mean of `-inp[i, targ[i]]` for log-probabilities `inp`."
     return -inp[range(targ.shape[0]), targ].mean()
 
 
+@exportable
 def cross_entropy(inp, targ):
     "Cross-entropy loss of logits `inp` and class indices `targ`: `nll(log_softmax(inp), targ)`."
     return nll(log_softmax(inp), targ)
 
-# %% nbs/02b_minibatch.ipynb cell 19 (id: 87ff680f)
+# %% nbs/02b_minibatch.ipynb (id: 87ff680f)
+@exportable
 def accuracy(inp, targ, axis=-1):
     "Fraction of rows where `inp.argmax(axis)` equals `targ`, as a 0-d float tensor."
     return (inp.argmax(dim=axis) == targ).float().mean()
 
-# %% nbs/02b_minibatch.ipynb cell 24 (id: e7845915)
+# %% nbs/02b_minibatch.ipynb (id: e7845915)
 class Optimizer:
     "Torch-compatible optimizer: `param_groups` of hyper-parameters, `cbs` steppers applied to each param with a grad."
     def __init__(self, params, cbs, **defaults):
@@ -122,7 +129,7 @@ class Optimizer:
             p = by_index[int(i)]
             self.state[p] = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
 
-# %% nbs/02b_minibatch.ipynb cell 26 (id: 2df29125)
+# %% nbs/02b_minibatch.ipynb (id: 2df29125)
 def sgd_step(p, lr, **kwargs):
     "Plain SGD stepper: `p -= lr * p.grad`."
     p.add_(p.grad, alpha=-lr)
@@ -158,7 +165,7 @@ def SGD(params, lr, mom=0., wd=0.):
     steppers = [weight_decay, sgd_step] if mom == 0 else [weight_decay, average_grad, momentum_step]
     return Optimizer(params, steppers, lr=lr, mom=mom, wd=wd)
 
-# %% nbs/02b_minibatch.ipynb cell 44 (id: d6b9e6d1)
+# %% nbs/02b_minibatch.ipynb (id: d6b9e6d1)
 class Dataset:
     "Inputs and targets side by side: `ds[i]` is `(x[i], y[i])`."
     def __init__(self, x, y):
@@ -168,7 +175,7 @@ class Dataset:
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return self.x[i], self.y[i]
 
-# %% nbs/02b_minibatch.ipynb cell 49 (id: 92a0ca26)
+# %% nbs/02b_minibatch.ipynb (id: 92a0ca26)
 class Sampler:
     "The indices of `ds` for one pass: `0..len(ds)-1` in order, or a fresh random permutation if `shuffle`."
     def __init__(self, ds, shuffle=False): self.n, self.shuffle = len(ds), shuffle
@@ -207,7 +214,7 @@ class DataLoader:
         n, bs = len(self.ds), self.batch_size
         return n // bs if self.drop_last else math.ceil(n / bs)
 
-# %% nbs/02b_minibatch.ipynb cell 57 (id: 9f85d57e)
+# %% nbs/02b_minibatch.ipynb (id: 9f85d57e)
 class DataLoaders:
     "A train and a valid loader (any iterables): `.train`, `.valid`, `dls[i]`, `len` and iteration over the loaders."
     def __init__(self, *loaders, device=None): self.loaders, self.device = list(loaders), device
@@ -231,7 +238,7 @@ class DataLoaders:
         return cls(TorchDataLoader(train_ds, batch_size=bs, shuffle=shuffle_train, **kwargs),
                    TorchDataLoader(valid_ds, batch_size=2 * bs, shuffle=False, **kwargs))
 
-# %% nbs/02b_minibatch.ipynb cell 60 (id: 2f45157a)
+# %% nbs/02b_minibatch.ipynb (id: 2f45157a)
 def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
     "Train `model` for `epochs`; print and return each epoch's validation `(loss, accuracy)`."
     log = []
@@ -253,3 +260,37 @@ def fit(epochs, model, loss_func, opt, train_dl, valid_dl):
         log.append((tot_loss / count, tot_acc / count))
         print(f'epoch {epoch}: valid loss {log[-1][0]:.4f}, accuracy {log[-1][1]:.4f}')
     return log
+
+# %% nbs/02b_minibatch.ipynb (id: 302ffc6f)
+class TensorLoader:
+    "Batches of in-memory tensors cut a whole batch at a time (no per-item collation); `tfm(batch)` maps each batch."
+    def __init__(self, *tensors, bs=64, shuffle=False, drop_last=False, tfm=None):
+        if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
+            raise ValueError('TensorLoader needs one or more tensors of the same length')
+        if bs < 1: raise ValueError(f'TensorLoader: batch size must be at least 1, got {bs}')
+        self.tensors, self.bs, self.shuffle, self.drop_last, self.tfm = tensors, bs, shuffle, drop_last, tfm
+
+    @property
+    def n(self): return len(self.tensors[0])
+
+    def __len__(self): return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
+
+    def __iter__(self):
+        idx = torch.randperm(self.n, device=self.tensors[0].device) if self.shuffle else None
+        for i in range(0, len(self) * self.bs, self.bs):
+            if idx is None: b = tuple(t[i:i + self.bs] for t in self.tensors)
+            else:
+                j = idx[i:i + self.bs]
+                b = tuple(t[j] for t in self.tensors)
+            yield self.tfm(b) if self.tfm is not None else b
+
+# %% nbs/02b_minibatch.ipynb (id: b992df4d)
+def fashion_mnist_dls(bs=128, n_train=None, device=None):
+    "Fashion-MNIST `DataLoaders` of normalized (N,1,28,28) float tensors from memory (`TensorLoader`s)."
+    xt, yt, xv, yv = load_fashion_mnist()
+    if n_train is not None: xt, yt = xt[:n_train], yt[:n_train]
+    xt = xt.float().div_(255).unsqueeze(1)
+    mean, std = xt.mean(), xt.std()
+    xt, xv = (xt - mean) / std, (xv.float().div_(255).unsqueeze(1) - mean) / std
+    if device is not None: xt, yt, xv, yv = (t.to(device) for t in (xt, yt, xv, yv))
+    return DataLoaders(TensorLoader(xt, yt, bs=bs, shuffle=True), TensorLoader(xv, yv, bs=2 * bs))

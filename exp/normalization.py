@@ -6,13 +6,13 @@ __all__ = ['BatchNorm',
            'GroupNorm',
            'RunningBatchNorm']
 
-# %% nbs/05a_normalization.ipynb cell 2 (id: 82ba1547)
+# %% nbs/05a_normalization.ipynb (id: 82ba1547)
 import math
 
 import torch
 from torch import nn
 
-# %% nbs/05a_normalization.ipynb cell 5 (id: 24f9f25a)
+# %% nbs/05a_normalization.ipynb (id: 24f9f25a)
 def _chan_shape(x): return (1, -1) + (1,) * (x.ndim - 2)
 
 
@@ -41,7 +41,7 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f'{len(self.weight)}, mom={self.mom}, eps={self.eps}'
 
-# %% nbs/05a_normalization.ipynb cell 13 (id: 35da239e)
+# %% nbs/05a_normalization.ipynb (id: 35da239e)
 class _ItemNorm(nn.Module):
     "Normalise each item over its dims from `start` on, with a learned scale and shift per channel."
     start = 1
@@ -82,7 +82,7 @@ class GroupNorm(nn.Module):
         shape = _chan_shape(x)
         return x * self.weight.view(shape) + self.bias.view(shape)
 
-# %% nbs/05a_normalization.ipynb cell 16 (id: 6cdb387b)
+# %% nbs/05a_normalization.ipynb (id: 6cdb387b)
 class RunningBatchNorm(nn.Module):
     "BatchNorm normalising with debiased running statistics in training too (batch-size-aware weights): for small batches."
     def __init__(self, nf, mom=0.1, eps=1e-5):

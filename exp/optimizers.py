@@ -15,7 +15,7 @@ __all__ = ['l2_reg',
            'lamb_step',
            'Lamb']
 
-# %% nbs/05b_optimizers.ipynb cell 2 (id: 30820b58)
+# %% nbs/05b_optimizers.ipynb (id: 30820b58)
 import math
 from functools import partial
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from exp.minibatch import Optimizer, average_grad, weight_decay
 
-# %% nbs/05b_optimizers.ipynb cell 7 (id: 5a311627)
+# %% nbs/05b_optimizers.ipynb (id: 5a311627)
 def l2_reg(p, lr, wd=0., **kwargs):
     "L2 regularisation stepper: adds `wd * p` to the gradient (put it first, before steppers that read the gradient)."
     if wd != 0: p.grad.add_(p, alpha=wd)
@@ -60,7 +60,7 @@ def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True)
     cbs += [partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-# %% nbs/05b_optimizers.ipynb cell 23 (id: e9cbc170)
+# %% nbs/05b_optimizers.ipynb (id: e9cbc170)
 def rms_prop_step(p, lr, sqr_avg, eps, grad_avg=None, **kwargs):
     "RMSProp stepper: `p -= lr * g / (sqrt(sqr_avg) + eps)`, `g` the momentum buffer if there is one, else the gradient."
     p.addcdiv_(grad_avg if grad_avg is not None else p.grad, sqr_avg.sqrt() + eps, value=-lr)
@@ -72,7 +72,7 @@ def RMSProp(params, lr, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True)
     cbs += ([average_grad] if mom else []) + [average_sqr_grad, rms_prop_step]
     return Optimizer(params, cbs, lr=lr, sqr_mom=sqr_mom, mom=mom, eps=eps, wd=wd)
 
-# %% nbs/05b_optimizers.ipynb cell 26 (id: 17b4ecf0)
+# %% nbs/05b_optimizers.ipynb (id: 17b4ecf0)
 def radam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, beta=0., **kwargs):
     "RAdam stepper: Adam's step times the rectification `v` once the variance estimate is usable (`r > 5`), else a momentum step."
     debias1 = debias(mom, 1 - mom, step)
@@ -94,7 +94,7 @@ def RAdam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., beta=0., decouple_
     cbs += [partial(average_grad, dampening=True), average_sqr_grad, step_stat, radam_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)
 
-# %% nbs/05b_optimizers.ipynb cell 30 (id: 36686b24)
+# %% nbs/05b_optimizers.ipynb (id: 36686b24)
 def qhadam_step(p, lr, mom, sqr_mom, sqr_avg, nu_1, nu_2, step, grad_avg, eps, **kwargs):
     "QHAdam stepper: Adam's step on `nu`-weighted mixes of the gradient (and its square) with their moving averages."
     debias1 = debias(mom, 1 - mom, step)
@@ -110,7 +110,7 @@ def QHAdam(params, lr, mom=0.999, sqr_mom=0.999, nu_1=0.7, nu_2=1.0, eps=1e-8, w
     cbs += [partial(average_grad, dampening=True), partial(average_sqr_grad, dampening=True), step_stat, qhadam_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, nu_1=nu_1, nu_2=nu_2, eps=eps, wd=wd)
 
-# %% nbs/05b_optimizers.ipynb cell 33 (id: 2e6657af)
+# %% nbs/05b_optimizers.ipynb (id: 2e6657af)
 def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
     "LAMB stepper: Adam's step for the tensor `p`, rescaled by the trust ratio `rms(p) / rms(step)` (at most 10)."
     debias1 = debias(mom, 1 - mom, step)

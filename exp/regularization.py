@@ -7,7 +7,7 @@ __all__ = ['LabelSmoothingCrossEntropy',
            'MixUp',
            'CutMix']
 
-# %% nbs/05c_regularization.ipynb cell 2 (id: 562a77c4)
+# %% nbs/05c_regularization.ipynb (id: 562a77c4)
 import math
 from functools import partial
 
@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exp.learner import Callback
+from exp.callback_core import Callback
+from exp.core import exportable
 
-# %% nbs/05c_regularization.ipynb cell 5 (id: 4defad77)
+# %% nbs/05c_regularization.ipynb (id: 4defad77)
+@exportable
 class LabelSmoothingCrossEntropy(nn.Module):
     "Cross-entropy with label smoothing: `(1 - eps) * nll + eps * mean(-log_softmax)` over the classes (fastai's)."
     def __init__(self, eps=0.1, weight=None, reduction='mean'):
@@ -36,7 +38,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
 
     def extra_repr(self): return f'eps={self.eps}, reduction={self.reduction!r}'
 
-# %% nbs/05c_regularization.ipynb cell 11 (id: 2e0093bf)
+# %% nbs/05c_regularization.ipynb (id: 2e0093bf)
 class NoneReduce:
     "Context manager giving `loss_func` with `reduction='none'`: its attribute set for the block, or a `partial`."
     def __init__(self, loss_func): self.loss_func, self.old_red = loss_func, None
@@ -96,7 +98,7 @@ class MixUp(MixHandler):
         learn.xb = tuple(torch.lerp(x[shuffle], x, _bcast(self.lam, x).to(x.dtype)) if x.is_floating_point() else x
                          for x in learn.xb)
 
-# %% nbs/05c_regularization.ipynb cell 23 (id: d875e43f)
+# %% nbs/05c_regularization.ipynb (id: d875e43f)
 class CutMix(MixHandler):
     "CutMix: paste a random box from `x[shuffle]` into each image; the loss is mixed by the kept area (`lam ~ Beta(alpha, alpha)`)."
     def __init__(self, alpha=1.): super().__init__(alpha)

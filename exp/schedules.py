@@ -17,15 +17,17 @@ __all__ = ['sched_lin',
            'plot_lr_find',
            'lr_find_sweep']
 
-# %% nbs/03a_schedules.ipynb cell 2 (id: 2182d5f9)
+# %% nbs/03a_schedules.ipynb (id: 2182d5f9)
 import collections, copy, itertools, math
 
 import numpy as np
 import torch
 
-from exp.learner import Callback, CancelFitException, CancelValidException
+from exp.callback_core import Callback, CancelFitException, CancelValidException
+from exp.core import listify, patch
+from exp.learner import Learner, Recorder, lr_range
 
-# %% nbs/03a_schedules.ipynb cell 5 (id: 2add2d85)
+# %% nbs/03a_schedules.ipynb (id: 2add2d85)
 def sched_lin(start, end):
     "Linear schedule from `start` to `end`: a function of `pos` in [0, 1]."
     def _f(pos): return start + pos * (end - start)
@@ -49,7 +51,7 @@ def sched_exp(start, end):
     def _f(pos): return start * (end / start) ** pos
     return _f
 
-# %% nbs/03a_schedules.ipynb cell 9 (id: ba3ab2da)
+# %% nbs/03a_schedules.ipynb (id: ba3ab2da)
 def combine_scheds(pcts, scheds):
     "One schedule running `scheds[i]` over the fraction `pcts[i]` of training, in order (`pcts` sum to 1)."
     if len(pcts) != len(scheds): raise ValueError('combine_scheds: one pct per schedule')
@@ -66,7 +68,7 @@ def combined_cos(pct, start, middle, end):
     "Cosine from `start` to `middle` over the first `pct` of training, then cosine from `middle` to `end`."
     return combine_scheds([pct, 1 - pct], [sched_cos(start, middle), sched_cos(middle, end)])
 
-# %% nbs/03a_schedules.ipynb cell 12 (id: 6d67137b)
+# %% nbs/03a_schedules.ipynb (id: 6d67137b)
 class ParamScheduler(Callback):
     "Before each training batch, set each hyper-parameter in `scheds` (name -> schedule) at `learn.pct_train`."
     order = 1
@@ -76,7 +78,7 @@ class ParamScheduler(Callback):
         if not learn.training: return
         for name, f in self.scheds.items(): learn.set_hyper(name, f(learn.pct_train))
 
-# %% nbs/03a_schedules.ipynb cell 14 (id: 33e16be1)
+# %% nbs/03a_schedules.ipynb (id: 33e16be1)
 def one_cycle_scheds(lr_max, div=25., div_final=1e5, pct_start=0.25, moms=(0.95, 0.85, 0.95)):
     "fastai's 1cycle schedules: lr cosine `lr_max/div` -> `lr_max` -> `lr_max/div_final`; momentum `moms` the other way."
     return {'lr': combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final),
@@ -87,7 +89,31 @@ def flat_cos_scheds(lr, div_final=1e5, pct_start=0.75):
     "`fit_flat_cos`'s schedule: `lr` flat for `pct_start` of training, then cosine-annealed to `lr/div_final`."
     return {'lr': combined_cos(pct_start, lr, lr, lr / div_final)}
 
-# %% nbs/03a_schedules.ipynb cell 24 (id: f6f0fdf8)
+# %% nbs/03a_schedules.ipynb (id: 881bc449)
+@patch
+def fit_one_cycle(self: Learner, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
+                  cbs=None, reset_opt=False, start_epoch=0, max_lr=None, resume=None):
+    "Fit with fastai's 1cycle policy: cosine lr warm-up to `lr_max`, then annealing; `max_lr` is fastai v1's name."
+    if max_lr is not None:
+        if lr_max is not None: raise TypeError('fit_one_cycle: pass lr_max or max_lr, not both')
+        lr_max = max_lr
+    if reset_opt or self.opt is None: self.create_opt()
+    lrs = np.array(lr_range(self.lr if lr_max is None else lr_max, len(self.opt.param_groups)))
+    scheds = one_cycle_scheds(lrs if len(lrs) > 1 else lrs[0], div=div, div_final=div_final,
+                              pct_start=pct_start, moms=self.moms if moms is None else moms)
+    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + listify(cbs), start_epoch=start_epoch, resume=resume)
+
+
+@patch
+def fit_flat_cos(self: Learner, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None, cbs=None, reset_opt=False,
+                 start_epoch=0, resume=None):
+    "Fit at a flat `lr`, then cosine-anneal it for the last `1 - pct_start` of training (fastai's `fit_flat_cos`)."
+    if reset_opt or self.opt is None: self.create_opt()
+    lrs = np.array(lr_range(self.lr if lr is None else lr, len(self.opt.param_groups)))
+    scheds = flat_cos_scheds(lrs if len(lrs) > 1 else lrs[0], div_final=div_final, pct_start=pct_start)
+    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + listify(cbs), start_epoch=start_epoch, resume=resume)
+
+# %% nbs/03a_schedules.ipynb (id: f6f0fdf8)
 class LRFinder(Callback):
     "Raise the lr exponentially from `start_lr` to `end_lr` over `num_it` batches, recording the smoothed loss; stop on divergence."
     order = 1
@@ -110,7 +136,7 @@ class LRFinder(Callback):
 
     def before_validate(self, learn): raise CancelValidException()
 
-# %% nbs/03a_schedules.ipynb cell 26 (id: 71cb8bdb)
+# %% nbs/03a_schedules.ipynb (id: 71cb8bdb)
 def minimum(lrs, losses):
     "Suggest a tenth of the lr at the lowest smoothed loss; returns (suggestion, index of the point to mark)."
     i = int(np.argmin(losses))
@@ -178,15 +204,50 @@ def lr_find_sweep(learn, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, sh
         with learn.no_logging(): learn.fit(num_it // len(learn.dls.train) + 1, cbs=finder)
     finally:
         learn.model.load_state_dict(model_state)
-        if opt_state is None: learn.opt = None
+        if opt_state is None: learn.create_opt()         # a fresh optimizer, as before the sweep (fastai v1 keeps one too)
         else: learn.opt.load_state_dict(opt_state)
         for p in learn.model.parameters(): p.grad = None
     learn.lr_finder = finder
+    if getattr(learn, 'recorder', None) is not None: learn.recorder.lr_finder = finder   # for v1's recorder.plot()
     ok = [k for k, l in enumerate(finder.losses) if math.isfinite(l)]
     if len(ok) < 2:
         first = f'{finder.losses[0]} at lr {finder.lrs[0]:.2e}' if finder.losses else 'no training batch ran'
         raise ValueError(f'lr_find: no loss curve to read (first loss {first}): check the data, the model '
                          f'and the loss function with one batch (learn.dls.one_batch())')
     suggestions, points = suggest_lrs(finder.lrs, finder.losses, funcs, num_it)
+    finder.suggestions, finder.points = suggestions, points
     if show_plot: plot_lr_find(finder.lrs, finder.losses, suggestions, points)
     return suggestions
+
+
+@patch
+def lr_find(self: Learner, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, show_plot=True, suggest_funcs=None):
+    "Sweep the lr exponentially from `start_lr` to `end_lr`, stop when the loss diverges, restore the model; suggest lrs."
+    return lr_find_sweep(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs)
+
+# %% nbs/03a_schedules.ipynb (id: 0052ebb8)
+@patch
+def plot(self: Recorder, skip_start=10, skip_end=5, suggestion=True, ax=None):
+    "fastai v1's `recorder.plot()`: the last `lr_find` curve (loss against lr), with its suggestions."
+    finder = getattr(self, 'lr_finder', None)
+    if finder is None: raise ValueError('recorder.plot() draws the last lr_find curve: run learn.lr_find() first '
+                                        '(recorder.plot_loss() draws the training loss)')
+    lrs, losses = finder.lrs[skip_start:], finder.losses[skip_start:]
+    if len(lrs) <= skip_start + 2: lrs, losses = finder.lrs, finder.losses       # a short sweep: keep all of it
+    pts = [(x, y) for x, y in finder.points] if suggestion else None
+    return plot_lr_find(lrs, losses, finder.suggestions if suggestion else None, pts, skip_end=skip_end, ax=ax)
+
+
+@patch
+def plot_losses(self: Recorder, skip_start=5, ax=None):
+    "fastai v1's name for `plot_loss`: training loss per batch, validation loss per epoch."
+    return self.plot_loss(skip_start=skip_start, ax=ax)
+
+
+@patch
+def plot_lr(self: Recorder, ax=None):
+    "fastai v1's `recorder.plot_lr()`: the learning rate of each training batch."
+    import matplotlib.pyplot as plt
+    if ax is None: ax = plt.subplots(figsize=(6, 4))[1]
+    ax.plot(self.lrs); ax.set_xlabel('batch'); ax.set_ylabel('learning rate')
+    return ax

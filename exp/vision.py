@@ -16,7 +16,6 @@ __all__ = ['ImageReadError',
            'ToTensor',
            'imagenet_stats',
            'IntToFloatTensor',
-           'Normalize',
            'warp_images',
            'AffineCoordTfm',
            'Flip',
@@ -34,7 +33,7 @@ __all__ = ['ImageReadError',
            'FileName',
            'ImageDataLoaders']
 
-# %% nbs/04a_vision.ipynb cell 2 (id: 7afa4b18)
+# %% nbs/04a_vision.ipynb (id: 7afa4b18)
 import io, math, os, random, re, warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -44,12 +43,13 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from exp.core import L, defaults, listify, parallel
+from exp.core import L, defaults, exportable, listify, parallel
 from exp.data import download_url
-from exp.datablock import (CategoryBlock, DataBlock, GrandparentSplitter, RandomSplitter, RegexLabeller, TfmdDataLoaders,
-                           Transform, TransformBlock, get_image_files, image_extensions, parent_label)
+from exp.datablock import (CategoryBlock, DataBlock, get_grid, get_image_files, GrandparentSplitter,
+                           image_extensions, Normalize, parent_label, RandomSplitter, RegexLabeller, TensorImageBase,
+                           TfmdDataLoaders, Transform, TransformBlock)
 
-# %% nbs/04a_vision.ipynb cell 5 (id: 6d38e8ea)
+# %% nbs/04a_vision.ipynb (id: 6d38e8ea)
 class ImageReadError(OSError):
     "An image that cannot be read (missing, corrupt, truncated, not an image); the message names the file."
 
@@ -151,7 +151,10 @@ class PILImageBW(PILImage):
     "A `PILImage` in grayscale (mode 'L')."
     _mode = 'L'
 
-# %% nbs/04a_vision.ipynb cell 14 (id: 31359489)
+
+exportable(PILImage.create); exportable(PILImageBW.create)    # what an export names to open its items
+
+# %% nbs/04a_vision.ipynb (id: 31359489)
 def verify_image(fn):
     "Whether `fn` opens and decodes completely as an image (truncated and corrupt files give False)."
     try:
@@ -199,11 +202,9 @@ def download_images(dest, urls=None, max_pics=1000, n_workers=8, timeout=4, pres
         warnings.warn(f'download_images: {len(failed)} of {len(urls)} downloads failed, e.g. {failed[0]}', stacklevel=2)
     return L(fn for fn, err in res if err is None)
 
-# %% nbs/04a_vision.ipynb cell 21 (id: f2e41fc0)
-class TensorImage(torch.Tensor):
+# %% nbs/04a_vision.ipynb (id: f2e41fc0)
+class TensorImage(TensorImageBase):
     "An image `(C, H, W)` or batch `(N, C, H, W)` as a tensor (uint8 or float in [0, 1]); batch transforms act on this type."
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
     def show(self, ax=None, **kwargs):
         "Show this image (one image, not a batch) on `ax`."
         return show_image(self, ax=ax, **kwargs)
@@ -236,12 +237,11 @@ def show_image(im, ax=None, figsize=None, title=None, cmap=None, **kwargs):
 
 def show_images(ims, nrows=1, ncols=None, titles=None, figsize=None, imsize=3, **kwargs):
     "Show images `ims` side by side (a grid of `nrows`), with `titles`."
-    from exp.datablock import get_grid
     ims = list(ims)
     axs = get_grid(len(ims), nrows, ncols, figsize, imsize=imsize)
     for im, ax, t in zip(ims, axs, titles or [None] * len(ims)): show_image(im, ax=ax, title=t, **kwargs)
 
-# %% nbs/04a_vision.ipynb cell 24 (id: aba16823)
+# %% nbs/04a_vision.ipynb (id: aba16823)
 class ResizeMethod:
     "How `Resize` fits an image to its size: crop, squish or pad."
     Crop, Squish, Pad = 'crop', 'squish', 'pad'
@@ -263,6 +263,7 @@ def _same_type(res, im):
     return res
 
 
+@exportable
 class Resize(Transform):
     "Resize images to `size` (int or (h, w)): crop (random position on train, centre on valid), squish, or pad with `pad_mode`."
     order = 1
@@ -296,6 +297,7 @@ class Resize(Transform):
         return _same_type(PIL.Image.fromarray(np.pad(r, pad, mode=_NP_PAD[self.pad_mode])), im)
 
 
+@exportable
 class RandomResizedCrop(Transform):
     "Crop a random region (`min_scale` to `max_scale` of the area, aspect in `ratio`) and resize to `size`; centre crop on valid."
     order = 1
@@ -334,6 +336,7 @@ class RandomResizedCrop(Transform):
         return _same_type(im.resize((w, h), self.resamples[0], box=self.box), im)
 
 
+@exportable
 class ToTensor(Transform):
     "Turn PIL images into `uint8` `TensorImage`s `(C, H, W)`; everything else passes through."
     order = 5
@@ -350,10 +353,11 @@ class ToTensor(Transform):
 
     def decodes(self, x): return x
 
-# %% nbs/04a_vision.ipynb cell 31 (id: 96d159a6)
+# %% nbs/04a_vision.ipynb (id: 96d159a6)
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
+@exportable
 class IntToFloatTensor(Transform):
     "Batch transform: `uint8` images to float in [0, 1] (divided by `div`); decodes back to `uint8`."
     order = 10
@@ -369,47 +373,7 @@ class IntToFloatTensor(Transform):
         if not x.is_floating_point(): return x
         return (x.clamp(0, 1) * self.div).round_().to(torch.uint8).as_subclass(TensorImage)
 
-
-class Normalize(Transform):
-    "Batch transform: `(x - mean) / std` per channel, on the batch's device; decodes back. Stats are plain lists."
-    order = 99
-    input_types = (TensorImage,)
-
-    def __init__(self, mean=None, std=None, axes=(0, 2, 3)):
-        self.mean = None if mean is None else [float(m) for m in listify(mean)]
-        self.std = None if std is None else [float(s) for s in listify(std)]
-        self.axes, self._cache = tuple(axes), {}
-
-    @classmethod
-    def from_stats(cls, mean, std, dim=1, ndim=4, cuda=True):
-        "fastai's constructor: `Normalize.from_stats(*imagenet_stats)` (stats move to each batch's device on first use)."
-        return cls(mean, std)
-
-    def _stats(self, x):
-        if self.mean is None: raise RuntimeError('Normalize has no stats: use Normalize.from_stats(mean, std), or dls.normalize()')
-        key = (x.device, x.dtype)
-        if key not in self._cache:
-            shape = [1] * x.ndim
-            shape[1] = -1
-            m = torch.tensor(self.mean, dtype=x.dtype).view(shape).to(x.device)
-            s = torch.tensor(self.std, dtype=x.dtype).view(shape).to(x.device)
-            self._cache[key] = (m, s)
-        m, s = self._cache[key]
-        if m.shape[1] not in (1, x.shape[1]):
-            raise ValueError(f'Normalize: {m.shape[1]} channel stats for images with {x.shape[1]} channel(s)')
-        return m, s
-
-    def encodes(self, x):
-        m, s = self._stats(x)
-        return ((x - m) / s).as_subclass(TensorImage)
-
-    def decodes(self, x):
-        m, s = self._stats(x)
-        return (x * s + m).as_subclass(TensorImage)
-
-    def __getstate__(self): return {**self.__dict__, '_cache': {}}
-
-# %% nbs/04a_vision.ipynb cell 34 (id: a7ab176d)
+# %% nbs/04a_vision.ipynb (id: a7ab176d)
 def _first_image(b):
     return next((o for o in (b if isinstance(b, tuple) else (b,)) if isinstance(o, TensorImage)), None)
 
@@ -443,6 +407,7 @@ def warp_images(x, mat, size=None, mode='bilinear', pad_mode='reflection', align
     return out.as_subclass(TensorImage)
 
 
+@exportable
 class AffineCoordTfm(Transform):
     "Batch augmentation (train only): compose the matrices of `tfms` (Flip, Rotate, Zoom, Warp...) into one `grid_sample`."
     order = 30
@@ -467,6 +432,7 @@ class AffineCoordTfm(Transform):
         return warp_images(x, self._mat, self.size, self.mode, self.pad_mode, self.align_corners)
 
 
+@exportable
 class Flip(AffineCoordTfm):
     "Mirror images left-right with probability `p`."
     def __init__(self, p=0.5): self.p = p
@@ -476,6 +442,7 @@ class Flip(AffineCoordTfm):
         return m
 
 
+@exportable
 class Dihedral(AffineCoordTfm):
     "With probability `p`, one of the 8 symmetries of the square (flips and 90° rotations)."
     def __init__(self, p=0.5): self.p = p
@@ -488,6 +455,7 @@ class Dihedral(AffineCoordTfm):
         return m
 
 
+@exportable
 class Rotate(AffineCoordTfm):
     "Rotate images by a random angle in [-`max_deg`, `max_deg`] degrees with probability `p` (in pixel space: no shear)."
     def __init__(self, max_deg=10., p=0.5): self.max_deg, self.p = max_deg, p
@@ -499,6 +467,7 @@ class Rotate(AffineCoordTfm):
         return m
 
 
+@exportable
 class Zoom(AffineCoordTfm):
     "Zoom in by a random factor in [`min_zoom`, `max_zoom`] towards a random centre, with probability `p`."
     def __init__(self, min_zoom=1., max_zoom=1.1, p=0.5): self.min_zoom, self.max_zoom, self.p = min_zoom, max_zoom, p
@@ -525,6 +494,7 @@ def _square_to_quad(q):
                         row(g, h, torch.ones_like(g))], 1)
 
 
+@exportable
 class Warp(AffineCoordTfm):
     "Perspective warp (keystone in x and y, each up to `magnitude`) with probability `p`."
     def __init__(self, magnitude=0.2, p=0.5): self.magnitude, self.p = magnitude, p
@@ -538,7 +508,8 @@ class Warp(AffineCoordTfm):
         to_unit = torch.tensor([[0.5, 0, 0.5], [0, 0.5, 0.5], [0, 0, 1.]])      # [-1, 1] -> [0, 1]
         return _square_to_quad(corners) @ to_unit
 
-# %% nbs/04a_vision.ipynb cell 35 (id: 64d4ac30)
+# %% nbs/04a_vision.ipynb (id: 64d4ac30)
+@exportable
 class LightingTfm(Transform):
     "Batch augmentation (train only): compose lighting parts (Brightness, Contrast) into one `sigmoid(logit(x) * m + a)`."
     order = 40
@@ -570,6 +541,7 @@ class LightingTfm(Transform):
         return torch.where(c, torch.sigmoid(lx * m + a), xt).as_subclass(TensorImage)
 
 
+@exportable
 class Brightness(LightingTfm):
     "Change brightness by up to `max_lighting` (in logit space) with probability `p`."
     def __init__(self, max_lighting=0.2, p=0.75): self.max_lighting, self.p = max_lighting, p
@@ -579,6 +551,7 @@ class Brightness(LightingTfm):
         return torch.ones(n), torch.logit(b)
 
 
+@exportable
 class Contrast(LightingTfm):
     "Scale contrast by a factor in [1-`max_lighting`, 1/(1-`max_lighting`)] (log-uniform) with probability `p`."
     def __init__(self, max_lighting=0.2, p=0.75): self.max_lighting, self.p = max_lighting, p
@@ -603,10 +576,11 @@ def aug_transforms(mult=1.0, do_flip=True, flip_vert=False, max_rotate=10., min_
     if max_lighting: res.append(LightingTfm([Brightness(max_lighting, p_lighting), Contrast(max_lighting, p_lighting)]))
     return res + listify(xtra_tfms)
 
-# %% nbs/04a_vision.ipynb cell 37 (id: a2bc5dea)
+# %% nbs/04a_vision.ipynb (id: a2bc5dea)
 _PAD_MODES = {'zeros': 'constant', 'reflection': 'reflect', 'border': 'replicate'}
 
 
+@exportable
 class RandPad(Transform):
     "Batch augmentation (train only): pad images by `padding`, then crop a random `size` window from each (v1's `rand_pad`)."
     order = 25
@@ -642,7 +616,7 @@ def rand_pad(padding, size, mode='reflection'):
     "fastai v1's `rand_pad`: `[RandPad(padding, size, mode)]`, a list so `[*rand_pad(...)]` works as in v1."
     return [RandPad(padding, size, mode)]
 
-# %% nbs/04a_vision.ipynb cell 44 (id: 59b40e74)
+# %% nbs/04a_vision.ipynb (id: 59b40e74)
 def ImageBlock(cls=PILImage):
     "A `TransformBlock` for images: `cls.create` (PILImage: RGB, PILImageBW: grayscale), `ToTensor`, `IntToFloatTensor`."
     _tvio()                                             # import torchvision.io now, not in every worker process
@@ -680,7 +654,8 @@ class _ItemGetter:
     def __call__(self, o): return o[self.i]
     def __repr__(self): return f'item[{self.i}]'
 
-# %% nbs/04a_vision.ipynb cell 45 (id: 21ce91af)
+# %% nbs/04a_vision.ipynb (id: 21ce91af)
+@exportable
 class ImageDataLoaders(TfmdDataLoaders):
     "`TfmdDataLoaders` for image classification, with fastai's constructors (`from_folder`, `from_name_func`...)."
     @classmethod

@@ -20,16 +20,11 @@ __all__ = ['resnet18',
            'model_meta',
            'vision_learner',
            'cnn_learner',
-           'freeze_to',
-           'freeze',
-           'unfreeze',
-           'fine_tune',
            'ModelSummary',
-           'summary',
            'FlipInputs',
            'flip_tta']
 
-# %% nbs/06a_vision_learner.ipynb cell 2 (id: 96c8f254)
+# %% nbs/06a_vision_learner.ipynb (id: 96c8f254)
 import os, warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -39,15 +34,18 @@ import torchvision.models as tvm
 from torch import nn
 
 import exp.callbacks                                   # Learner.to_fp16, to_bf16, to_channelslast (03b)
-from exp.core import listify
+import exp.schedules                                  # Learner.fit_one_cycle (03a), which fine_tune uses
+from exp.core import listify, patch
 from exp.hooks import init_cnn, num_features_model
-from exp.learner import Callback, Flatten, Learner, torch_adamw
+from exp.torch_core import Flatten
+from exp.callback_core import Callback
+from exp.learner import Learner, torch_adamw
 from exp.vision import Normalize, imagenet_stats
 
-# %% nbs/06a_vision_learner.ipynb cell 5 (id: 619a2385)
+# %% nbs/06a_vision_learner.ipynb (id: 619a2385)
 resnet18, resnet34, resnet50 = tvm.resnet18, tvm.resnet34, tvm.resnet50
 
-# %% nbs/06a_vision_learner.ipynb cell 7 (id: 8c0863d5)
+# %% nbs/06a_vision_learner.ipynb (id: 8c0863d5)
 _POOL_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 
 
@@ -66,7 +64,7 @@ def create_body(model, cut=None):
     if callable(cut): return cut(model)
     return nn.Sequential(*children[:cut])
 
-# %% nbs/06a_vision_learner.ipynb cell 10 (id: 0d62c417)
+# %% nbs/06a_vision_learner.ipynb (id: 0d62c417)
 class AdaptiveConcatPool2d(nn.Module):
     "Adaptive max pooling and adaptive average pooling to `size`, concatenated on the channels (twice the features)."
     def __init__(self, size=1):
@@ -93,7 +91,7 @@ def create_head(nf, n_out, lin_ftrs=None, ps=0.5, concat_pool=True, first_bn=Tru
     if bn_final: layers.append(nn.BatchNorm1d(ftrs[-1], momentum=0.01))
     return nn.Sequential(*layers)
 
-# %% nbs/06a_vision_learner.ipynb cell 13 (id: 09222787)
+# %% nbs/06a_vision_learner.ipynb (id: 09222787)
 def is_torchvision_arch(arch):
     "Whether `arch` is one of torchvision's model builders (which take `weights=`)."
     return getattr(arch, '__module__', '').startswith('torchvision.models')
@@ -124,7 +122,7 @@ def load_torchvision_pretrained(arch, weights=None):
             f"pretrained='path/to/weights.pth' (a state dict you saved).")
     return arch(weights=weights, progress=False)
 
-# %% nbs/06a_vision_learner.ipynb cell 17 (id: 83a9f481)
+# %% nbs/06a_vision_learner.ipynb (id: 83a9f481)
 def adapt_conv_weight(w, n_in):
     "Pretrained conv weights `w` (out, c, kh, kw) for `n_in` input channels: summed over c for 1, else repeated and scaled by c/n_in."
     c = w.shape[1]
@@ -155,7 +153,7 @@ def set_input_channels(model, n_in, keep_weights=True):
     setattr(parent, name, new)
     return model
 
-# %% nbs/06a_vision_learner.ipynb cell 20 (id: 6b653298)
+# %% nbs/06a_vision_learner.ipynb (id: 6b653298)
 def _read_state(path):
     state = torch.load(path, map_location='cpu', weights_only=True)
     if isinstance(state, dict) and set(state) == {'model', 'opt'}: state = state['model']
@@ -184,7 +182,7 @@ def load_body_weights(body, model, path):
     body.load_state_dict(src)
     return body
 
-# %% nbs/06a_vision_learner.ipynb cell 22 (id: a91a633e)
+# %% nbs/06a_vision_learner.ipynb (id: a91a633e)
 def create_vision_model(arch, n_out, pretrained=True, cut=None, n_in=3, custom_head=None, concat_pool=True,
                         arch_kwargs=None, weights=None, **head_kwargs):
     "`nn.Sequential(body, head)`: `arch`'s body (`pretrained`: True, False or a file; `weights`: which torchvision weights) and a new head."
@@ -210,7 +208,7 @@ def create_vision_model(arch, n_out, pretrained=True, cut=None, n_in=3, custom_h
                            'concat_pool': concat_pool, 'arch_kwargs': arch_kwargs or None, **head_kwargs}}
     return model
 
-# %% nbs/06a_vision_learner.ipynb cell 25 (id: aa8eef28)
+# %% nbs/06a_vision_learner.ipynb (id: aa8eef28)
 def _params(m): return list(m.parameters())
 
 
@@ -228,7 +226,7 @@ model_meta = {resnet18: {'cut': -2, 'split': resnet_split, 'stats': imagenet_sta
               resnet34: {'cut': -2, 'split': resnet_split, 'stats': imagenet_stats},
               resnet50: {'cut': -2, 'split': resnet_split, 'stats': imagenet_stats}}
 
-# %% nbs/06a_vision_learner.ipynb cell 27 (id: 7bbf1669)
+# %% nbs/06a_vision_learner.ipynb (id: 7bbf1669)
 def _first_batch(dls):
     if hasattr(dls, 'one_batch'): return dls.one_batch()
     return next(iter(dls.train))
@@ -268,7 +266,7 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
 
 cnn_learner = vision_learner
 
-# %% nbs/06a_vision_learner.ipynb cell 29 (id: 507255c7)
+# %% nbs/06a_vision_learner.ipynb (id: 507255c7)
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
                nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm)
 
@@ -277,42 +275,46 @@ def _norm_params(model):
     return {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
 
 
-def freeze_to(learn, n):
-    "Freeze the parameter groups before group `n` (negative: from the end) and unfreeze the rest; norm layers stay trainable if `learn.train_bn`."
-    if learn.opt is None: learn.create_opt()
-    groups = learn.opt.param_groups
+@patch
+def freeze_to(self: Learner, n):
+    "Freeze the parameter groups before group `n` (negative: from the end) and unfreeze the rest; norm layers stay trainable if `self.train_bn`."
+    if self.opt is None: self.create_opt()
+    groups = self.opt.param_groups
     n = n if n >= 0 else len(groups) + n
     n = max(0, min(n, len(groups)))
-    keep = _norm_params(learn.model) if getattr(learn, 'train_bn', True) else set()
+    keep = _norm_params(self.model) if getattr(self, 'train_bn', True) else set()
     for i, g in enumerate(groups):
         for p in g['params']:
             train = i >= n or id(p) in keep
             p.requires_grad_(train)
             if not train: p.grad = None
-    learn.frozen_idx = n
-    return learn
+    self.frozen_idx = n
+    return self
 
 
-def freeze(learn):
+@patch
+def freeze(self: Learner):
     "Freeze every parameter group but the last (the head)."
-    return freeze_to(learn, -1)
+    return self.freeze_to(-1)
 
 
-def unfreeze(learn):
+@patch
+def unfreeze(self: Learner):
     "Make every parameter group trainable."
-    return freeze_to(learn, 0)
+    return self.freeze_to(0)
 
-# %% nbs/06a_vision_learner.ipynb cell 31 (id: 230b8c3c)
-def fine_tune(learn, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.0, **kwargs):
+# %% nbs/06a_vision_learner.ipynb (id: 230b8c3c)
+@patch
+def fine_tune(self: Learner, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.0, **kwargs):
     "Transfer learning: `freeze_epochs` of one-cycle with the body frozen, then `epochs` unfrozen with lrs `base_lr/2/lr_mult` to `base_lr/2`."
     if freeze_epochs:
-        freeze(learn)
-        learn.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
+        self.freeze()
+        self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
     base_lr /= 2
-    unfreeze(learn)
-    learn.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
+    self.unfreeze()
+    self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
 
-# %% nbs/06a_vision_learner.ipynb cell 33 (id: 51f7b330)
+# %% nbs/06a_vision_learner.ipynb (id: 51f7b330)
 class ModelSummary(str):
     "The text of `learn.summary()`; `rows` holds (name, type, output shape, n_params, trainable) per layer; `total`, `trainable`."
     def __repr__(self): return str(self)
@@ -329,12 +331,13 @@ def _shape(o):
 def _opt_name(f): return getattr(f, '__name__', type(f).__name__)
 
 
-def summary(learn):
+@patch
+def summary(self: Learner):
     "A table of the model's layers (output shape, parameters, trainable), totals, optimizer, loss, frozen groups and callbacks."
-    model = learn.model
-    b = _first_batch(learn.dls)
-    n_inp = getattr(learn.dls, 'n_inp', 1)
-    xb = tuple(x.to(learn.device) for x in b[:n_inp])
+    model = self.model
+    b = _first_batch(self.dls)
+    n_inp = getattr(self.dls, 'n_inp', 1)
+    xb = tuple(x.to(self.device) for x in b[:n_inp])
     layers = [(n, m) for n, m in model.named_modules()
               if n and (not list(m.children()) or any(True for _ in m.parameters(recurse=False)))]
     shapes = {}
@@ -365,20 +368,20 @@ def summary(learn):
     for n, t, s, k, tr in rows:
         out.append(f'{n:<{w[0]}}{t:<{w[1]}}{s:<{w[2]}}{k:>10,}  {"" if tr is None else tr}')
     out += [line, f'Total params: {total:,}', f'Trainable params: {trainable:,}', f'Frozen params: {total - trainable:,}', '']
-    out.append(f'Optimizer: {_opt_name(learn.opt_func)}' + (f' ({type(learn.opt).__name__}, {len(learn.opt.param_groups)} '
-                                                            f'parameter groups)' if learn.opt is not None else ''))
-    out.append(f'Loss function: {learn.loss_func}')
-    idx = getattr(learn, 'frozen_idx', 0)
-    if idx and learn.opt is not None:
-        bn = ', norm layers trainable' if getattr(learn, 'train_bn', True) else ''
-        out.append(f'Model frozen up to parameter group {idx} (of {len(learn.opt.param_groups)}){bn}')
+    out.append(f'Optimizer: {_opt_name(self.opt_func)}' + (f' ({type(self.opt).__name__}, {len(self.opt.param_groups)} '
+                                                            f'parameter groups)' if self.opt is not None else ''))
+    out.append(f'Loss function: {self.loss_func}')
+    idx = getattr(self, 'frozen_idx', 0)
+    if idx and self.opt is not None:
+        bn = ', norm layers trainable' if getattr(self, 'train_bn', True) else ''
+        out.append(f'Model frozen up to parameter group {idx} (of {len(self.opt.param_groups)}){bn}')
     else: out.append('Model unfrozen')
-    out += ['', 'Callbacks:'] + [f'  - {type(cb).__name__}' for cb in learn.cbs]
+    out += ['', 'Callbacks:'] + [f'  - {type(cb).__name__}' for cb in self.cbs]
     res = ModelSummary('\n'.join(out))
     res.rows, res.total, res.trainable = rows, total, trainable
     return res
 
-# %% nbs/06a_vision_learner.ipynb cell 35 (id: d1e89778)
+# %% nbs/06a_vision_learner.ipynb (id: d1e89778)
 class FlipInputs(Callback):
     "Mirror each batch's inputs left-right before the model sees them (for test-time flips)."
     def before_batch(self, learn): learn.xb = tuple(x.flip(-1) for x in learn.xb)
@@ -390,6 +393,5 @@ def flip_tta(learn, ds_idx=1, dl=None):
     flipped, _ = learn.get_preds(ds_idx, dl=dl, cbs=FlipInputs())
     return (preds + flipped) / 2, targs
 
-# %% nbs/06a_vision_learner.ipynb cell 37 (id: bab887a1)
-Learner.freeze_to, Learner.freeze, Learner.unfreeze = freeze_to, freeze, unfreeze
-Learner.fine_tune, Learner.summary = fine_tune, summary
+# %% nbs/06a_vision_learner.ipynb (id: bab887a1)
+

@@ -5,18 +5,18 @@ __all__ = ['upload_bytes',
            'ImageClassifierCleaner',
            'ClassifierApp']
 
-# %% nbs/07b_widgets.ipynb cell 2 (id: 68829764)
+# %% nbs/07b_widgets.ipynb (id: 68829764)
 import io
 
 from IPython.display import display
 from ipywidgets import Box, Button, Dropdown, FileUpload, Image as ImageWidget, Label, Layout, Output, VBox
 
 from exp.core import L
-from exp.interpret import to_thumb
+import exp.interpret                 # PIL images' to_thumb (07_interpret)
 from exp.learner import in_order
 from exp.vision import ImageReadError, PILImage
 
-# %% nbs/07b_widgets.ipynb cell 5 (id: ddbf084b)
+# %% nbs/07b_widgets.ipynb (id: ddbf084b)
 def upload_bytes(upload):
     "The contents of the files in ipywidgets `FileUpload` `upload` as a list of `bytes` (ipywidgets 7 and 8)."
     v = upload.value
@@ -27,10 +27,10 @@ def upload_bytes(upload):
 if not hasattr(FileUpload, 'data'):                  # ipywidgets 8 dropped `.data`; fastbook's app reads it
     FileUpload.data = property(upload_bytes, doc="The uploaded files' contents as a list of `bytes` (ipywidgets 7's `.data`).")
 
-# %% nbs/07b_widgets.ipynb cell 11 (id: 6ce123ab)
+# %% nbs/07b_widgets.ipynb (id: 6ce123ab)
 def _thumb_png(fn, h, w):
     "PNG bytes of a thumbnail of image file `fn` (empty when it cannot be read)."
-    try: im = to_thumb(PILImage.create(fn), h, w)
+    try: im = PILImage.create(fn).to_thumb(h, w)
     except ImageReadError: return b''
     buf = io.BytesIO()
     im.save(buf, format='PNG')
@@ -115,7 +115,7 @@ class ImageClassifierCleaner:
 
     def _ipython_display_(self): display(self.widget)
 
-# %% nbs/07b_widgets.ipynb cell 25 (id: 49618d07)
+# %% nbs/07b_widgets.ipynb (id: 49618d07)
 class ClassifierApp:
     "fastbook's classifier app for `learn`: upload an image, click Classify, see its thumbnail and 'Prediction: X; Probability: 0.99'."
     def __init__(self, learn, title='Select your image!', thumb_size=128):

@@ -10,7 +10,7 @@ __all__ = ['ResBlock',
            'BatchFlipShift',
            'TimeBudget']
 
-# %% nbs/06_xresnet.ipynb cell 2 (id: 25c98880)
+# %% nbs/06_xresnet.ipynb (id: 25c98880)
 import time
 
 import torch
@@ -18,16 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from exp.hooks import conv_block, init_cnn
-from exp.learner import Callback, CancelFitException, Flatten
+from exp.torch_core import Flatten
+from exp.callback_core import Callback, CancelFitException
 
-# %% nbs/06_xresnet.ipynb cell 5 (id: dc604e86)
+# %% nbs/06_xresnet.ipynb (id: dc604e86)
 def _conv(ni, nf, ks=3, stride=1, zero_bn=False, act_cls=nn.ReLU):
     "`conv_block` with BatchNorm (its weight zeroed if `zero_bn`) and `act_cls` (None: no activation)."
     layer = conv_block(ni, nf, ks=ks, stride=stride, act=act_cls, norm=nn.BatchNorm2d)
     if zero_bn: nn.init.zeros_(layer[1].weight)
     return layer
 
-# %% nbs/06_xresnet.ipynb cell 7 (id: bd24e06b)
+# %% nbs/06_xresnet.ipynb (id: bd24e06b)
 class ResBlock(nn.Module):
     "Residual block `act(convs(x) + idpath(x))`: basic (two 3x3 convs) if `expansion == 1`, else a bottleneck."
     def __init__(self, expansion, ni, nf, stride=1, act_cls=nn.ReLU):
@@ -47,7 +48,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x): return self.act(self.convs(x) + self.idpath(x))
 
-# %% nbs/06_xresnet.ipynb cell 13 (id: 17dc30d2)
+# %% nbs/06_xresnet.ipynb (id: 17dc30d2)
 class XResNet(nn.Sequential):
     "ResNet with the bag-of-tricks stem and blocks; `c_in` input channels, `n_out` classes, `small_input`: stride-1 stem, no max-pool."
     def __init__(self, block, expansion, layers, c_in=3, n_out=1000, p=0., stem_szs=(32, 32, 64),
@@ -70,7 +71,7 @@ class XResNet(nn.Sequential):
         if isinstance(idx, slice): return nn.Sequential(*list(self.children())[idx])
         return super().__getitem__(idx)
 
-# %% nbs/06_xresnet.ipynb cell 15 (id: 22e0a683)
+# %% nbs/06_xresnet.ipynb (id: 22e0a683)
 def _xresnet(expansion, layers, pretrained=False, **kwargs):
     if pretrained:
         raise ValueError("exp's xresnets have no published pretrained weights: pass pretrained=False, or train one "
@@ -92,7 +93,7 @@ def xresnet50(pretrained=False, **kwargs):
     "XResNet-50: bottleneck blocks (expansion 4), [3, 4, 6, 3] per stage."
     return _xresnet(4, [3, 4, 6, 3], pretrained, **kwargs)
 
-# %% nbs/06_xresnet.ipynb cell 21 (id: b1edb384)
+# %% nbs/06_xresnet.ipynb (id: b1edb384)
 def xresnet_mini(c_in=1, n_out=10, **kwargs):
     "A tiny XResNet for 28x28 images on a CPU: a 16-channel stem at full size, one basic block per stage (32/64/128), all stride 2."
     kw = dict(stem_szs=(16,), widths=(32, 64, 128), small_input=True, strides=(2, 2, 2))
@@ -104,7 +105,7 @@ def xresnet_small(c_in=1, n_out=10, **kwargs):
     kw = dict(stem_szs=(24,), widths=(48, 96, 192), small_input=True, strides=(2, 2, 2))
     return XResNet(ResBlock, 1, [1, 1, 1], c_in=c_in, n_out=n_out, **{**kw, **kwargs})
 
-# %% nbs/06_xresnet.ipynb cell 26 (id: 2762927c)
+# %% nbs/06_xresnet.ipynb (id: 2762927c)
 class BatchFlipShift:
     "`TensorLoader` tfm: flip each image of a (N, C, H, W) batch left-right with probability `p`, shift it up to `pad` pixels."
     def __init__(self, p=0.5, pad=0, fill=0.): self.p, self.pad, self.fill = p, pad, fill
@@ -124,7 +125,7 @@ class BatchFlipShift:
             x = torch.where(flip, x.flip(3), x)
         return (x, *rest)
 
-# %% nbs/06_xresnet.ipynb cell 29 (id: 708e9578)
+# %% nbs/06_xresnet.ipynb (id: 708e9578)
 class TimeBudget(Callback):
     "Drive the schedules by wall-clock time: `pct_train` = elapsed / `seconds`; stop the fit when `seconds` have passed."
     order = -20                              # before ParamScheduler reads pct_train

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT
 from exp.__main__ import find_splits, main
-from exp.export import _pack, _unpack
+from exp.export import _pack, read_export
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
 
@@ -54,7 +54,8 @@ def test_train_prints_the_table_and_writes_an_export(trained):
     assert lines[0] == 'shades: 32 training and 8 validation images (random 20% held out), 2 classes, RGB 16x16'
     assert lines[1].split() == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time']
     assert lines[2].split()[0] == '0' and lines[-1].startswith('wrote model.pkl (validation accuracy ')
-    assert (root / 'model.pkl').read_bytes()[:15] == b'\x89EXP-EXPORT\r\n\x1a\n'
+    from safetensors import safe_open
+    with safe_open(str(root / 'model.pkl'), 'pt') as f: assert f.metadata()['format'] == 'exp-export'   # a safetensors file
 
 
 def test_predict_prints_label_and_probability(trained):
@@ -73,13 +74,13 @@ def test_predict_prints_label_and_probability(trained):
 
 def test_incompatible_export_exits_nonzero_with_one_line(trained):
     root, folder, _ = trained
-    h, payload = _unpack((root / 'model.pkl').read_bytes(), 'model.pkl')
+    h, tensors = read_export(root / 'model.pkl')
     h['format_version'] = 3
-    (root / 'future.pkl').write_bytes(b''.join(_pack(h, payload)))
+    (root / 'future.pkl').write_bytes(_pack(h, tensors))
     code, out, err = cli('predict', root / 'future.pkl', folder / 'dark' / 'dark_1.png')
     assert (code, out) == (1, '')
     assert err.splitlines() == [f'exp predict: {root / "future.pkl"}: written by exp {h["exp_version"]} in export format 3; '
-                                f'this exp ({h["exp_version"]}) reads format 1 and older: upgrade exp to load it']
+                                f'this exp ({h["exp_version"]}) reads format 2 and older: upgrade exp to load it']
 
 
 def test_mnist_style_tree_grayscale_in_process(tmp_path):

@@ -157,7 +157,7 @@ def test_ctrl_c_then_resume_in_a_fresh_process(tmp_path):
 
 KILLED_MID_WRITE = textwrap.dedent('''
     import io, os, signal, sys, torch
-    from exp.learner import save_atomic
+    from exp.torch_core import save_atomic
     path = sys.argv[1]
     save_atomic({'w': torch.zeros(1000)}, path)
     real_save = torch.save
@@ -171,7 +171,7 @@ KILLED_MID_WRITE = textwrap.dedent('''
 
 SAVES_FOREVER = textwrap.dedent('''
     import sys, torch
-    from exp.learner import save_atomic
+    from exp.torch_core import save_atomic
     print('ready', flush=True)
     for i in range(1, 10 ** 6): save_atomic({'i': torch.tensor(i), 'w': torch.full((2 ** 20,), float(i))}, sys.argv[1])
 ''')

@@ -209,8 +209,9 @@ def test_real_site_documents_every_public_name_at_its_cell(real_site):
                         or (isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store) and n.col_offset == 0)),
                        default=None)
             if line is None: continue                                       # defined inside an if/try: not checked here
-            prov = next(re.match(r'# %% (\S+) cell (\d+)', l) for l in reversed(lines[:line]) if l.startswith('# %% '))
-            want = f'{Path(prov.group(1)).stem}.html#cell-{prov.group(2)}'
+            prov = next(re.match(r'# %% (\S+) \(id: ([^)]+)\)', l) for l in reversed(lines[:line]) if l.startswith('# %% '))
+            cell = n2s.cell_number(ROOT / prov.group(1), prov.group(2))         # provenance names the cell by its id
+            want = f'{Path(prov.group(1)).stem}.html#cell-{cell}'
             assert entry.select_one('a.exp-src')['href'] == want, (mod, name)
             checked += 1
     assert checked > 0

@@ -10,7 +10,7 @@ from torch import nn
 
 import exp
 from exp.datablock import CategoryBlock, DataBlock, RandomSplitter, Transform, get_image_files, parent_label
-from exp.export import (ExportDescriptionError, ExportFormatError, _ARCHS, _pack, _unpack, build_arch, load_learner,
+from exp.export import (ExportDescriptionError, ExportFormatError, _ARCHS, _pack, build_arch, load_learner,
                         read_export, register_arch)
 from exp.hooks import get_cnn
 from exp.learner import Learner
@@ -51,12 +51,17 @@ def trained(tmp_path_factory):
     return learn, root / 'export.pkl'
 
 
-def edited(src, dst, edit=None, payload_edit=None):
-    "A copy of export `src` at `dst` with its header changed by `edit` (in place) and/or its weights by `payload_edit`."
-    header, payload = _unpack(Path(src).read_bytes(), str(src))
+def parts(src):
+    "The description and weights of export `src`, read with safetensors' own reader (any safetensors tool can)."
+    from safetensors import safe_open
+    with safe_open(str(src), 'pt') as f: return json.loads(f.metadata()['description']), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def edited(src, dst, edit=None):
+    "A copy of export `src` at `dst` with its description changed by `edit`, checksummed again: what someone who knows the format could write."
+    header, tensors = parts(src)
     if edit: edit(header)
-    if payload_edit: payload = payload_edit(payload)
-    Path(dst).write_bytes(b''.join(_pack(header, payload)))
+    Path(dst).write_bytes(_pack(header, tensors))
     return dst
 
 
@@ -96,7 +101,7 @@ def test_fastbook_flow(trained):
 def test_header_fields_and_no_device(trained):
     learn, fn = trained
     header, tensors = read_export(fn)
-    assert (header['format'], header['format_version'], header['exp_version']) == ('exp-export', 1, exp.__version__)
+    assert (header['format'], header['format_version'], header['exp_version']) == ('exp-export', 2, exp.__version__)
     assert set(tensors) == set(learn.model.state_dict())
     text = json.dumps(header)
     assert 'cuda' not in text and 'device' not in text
@@ -175,12 +180,12 @@ def _set(path, value):
 
 
 EDITS = {
-    'unknown transform': (_set(['dls', 'spec', 'batch_tfms', 0], {'name': 'exp.learner.save_atomic', 'args': {'obj': 1, 'path': 'x'}}),
-                          None, "unknown transform 'exp.learner.save_atomic'"),
+    'unknown transform': (_set(['dls', 'spec', 'batch_tfms', 0], {'name': 'exp.torch_core.save_atomic', 'args': {'obj': 1, 'path': 'x'}}),
+                          None, "unknown transform 'exp.torch_core.save_atomic'"),
     'transform nested in args': (_set(['dls', 'spec', 'batch_tfms', 0], {'name': 'exp.vision.AffineCoordTfm',
                                   'args': {'tfms': [{'func': 'os.system'}]}}), None, "unknown function 'os.system'"),
     'function from the file': (_set(['dls', 'spec', 'x_tfms', 0, 0], {'func': 'builtins.eval'}), None, "unknown function 'builtins.eval'"),
-    'newer format': (_set(['format_version'], 2), None, 'in export format 2; this exp .* reads format 1 and older: upgrade exp'),
+    'newer format': (_set(['format_version'], 3), None, 'in export format 3; this exp .* reads format 2 and older: upgrade exp'),
     'bogus version': (_set(['format_version'], '1'), None, "format_version '1' is not one exp ever wrote"),
     'other format': (_set(['format'], 'something-else'), None, "its header says format 'something-else'"),
     'unknown layer': (_set(['model', 'sequential', 0, 1, 'sequential', 0, 1, 'layer'], 'subprocess.Popen'), None,
@@ -192,15 +197,13 @@ EDITS = {
     'unknown loaders': (_set(['dls', 'class'], 'exp.learner.Learner'), None, "unknown loaders class 'exp.learner.Learner'"),
     'bad transform args': (_set(['dls', 'spec', 'item_tfms', 0, 'args'], {'size': 'big', 'method': 'crop'}), None,
                            'the data pipeline cannot be rebuilt'),
-    'truncated weights': (None, lambda p: p[:-100], 'truncated exp export: the header promises \\d+ bytes of weights, the file holds'),
-    'changed weights': (None, lambda p: p[:-4] + b'\0\0\0\0', 'do not match their SHA-256 checksum'),
 }
 
 
 @pytest.mark.parametrize('what', list(EDITS))
 def test_edited_exports_are_refused_clearly(trained, tmp_path, what):
-    edit, pedit, msg = EDITS[what]
-    bad = edited(trained[1], tmp_path / 'export.pkl', edit, pedit)
+    edit, _, msg = EDITS[what]
+    bad = edited(trained[1], tmp_path / 'export.pkl', edit)
     with pytest.raises(ExportFormatError, match=msg) as e: load_learner(bad)
     assert str(e.value).startswith(str(bad)) and '\n' not in str(e.value)
 
@@ -210,8 +213,48 @@ def test_damaged_containers(trained, tmp_path):
     (tmp_path / 'cut.pkl').write_bytes(good[:40])
     (tmp_path / 'json.pkl').write_bytes(good.replace(b'"format":"exp-export"', b'"format":"exp-export'))
     (tmp_path / 'tiny.pkl').write_bytes(good[:10])
-    for name, msg in [('cut.pkl', 'damaged or truncated'), ('json.pkl', 'not valid JSON'), ('tiny.pkl', 'truncated exp export')]:
+    (tmp_path / 'short.pkl').write_bytes(good[:-100])
+    for name, msg in [('cut.pkl', 'damaged or truncated'), ('json.pkl', 'not valid JSON'), ('tiny.pkl', 'damaged or truncated'),
+                      ('short.pkl', 'the weights cannot be read')]:
         with pytest.raises(ExportFormatError, match=msg): load_learner(tmp_path / name)
+
+
+def test_any_edit_is_refused_weights_or_description(trained, tmp_path):
+    "The digest covers the description and the weights: a changed statistic, label or weight is refused, not loaded quietly."
+    good = trained[1].read_bytes()
+    header, _ = parts(trained[1])
+    label = header['dls']['spec']['vocab'][0]
+    norm = next(t for t in header['dls']['spec']['batch_tfms'] if t['name'].endswith('Normalize'))
+    mean = json.dumps(norm['args']['mean'][0])
+    edits = {'label': good.replace(label.encode(), label.upper().encode(), 1),
+             'normalization': good.replace(mean.encode(), mean.replace(mean[2], str((int(mean[2]) + 1) % 10), 1).encode(), 1),
+             'weights': good[:-4] + b'\0\0\0\1'}
+    for what, data in edits.items():
+        assert data != good and len(data) == len(good), what
+        (tmp_path / f'{what}.pkl').write_bytes(data)
+        with pytest.raises(ExportFormatError, match='do not match their SHA-256 checksum'): load_learner(tmp_path / f'{what}.pkl')
+
+
+def test_safetensors_tools_read_it_and_version_1_still_loads(trained, tmp_path):
+    "An export is a standard safetensors file; a file in the first format (magic, JSON header, weights) still loads."
+    import hashlib, struct
+    from safetensors import safe_open
+    from safetensors.torch import save as st_save
+    from exp.export import _MAGIC
+    learn, fn = trained
+    with safe_open(str(fn), 'pt') as f:
+        meta = f.metadata()
+        assert meta['format'] == 'exp-export' and meta['format_version'] == '2' and len(meta['sha256']) == 64
+        assert set(f.keys()) == set(learn.model.state_dict())
+    header, tensors = parts(fn)
+    header['format_version'] = 1
+    payload = st_save(tensors)
+    header['weights'] = {'bytes': len(payload), 'sha256': hashlib.sha256(payload).hexdigest()}
+    hb = json.dumps(header).encode()
+    (tmp_path / 'v1.pkl').write_bytes(_MAGIC + struct.pack('<Q', len(hb)) + hb + payload)
+    old = load_learner(tmp_path / 'v1.pkl')
+    items = learn.dls.valid_ds.items
+    assert torch.equal(old.get_preds(dl=old.dls.test_dl(items))[0], load_learner(fn).get_preds(dl=old.dls.test_dl(items))[0])
 
 
 # ------------------------------------------------------------------ what export refuses to write

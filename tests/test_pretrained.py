@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import exp.vision_learner as vl
-from exp.learner import Learner, TensorLoader
-from exp.minibatch import DataLoaders
+from exp.learner import Learner
+from exp.minibatch import DataLoaders, TensorLoader
 from exp.vision_learner import (cnn_learner, hub_checkpoint_path, arch_weights, resnet18, resnet34, vision_learner)
 from exp.xresnet import xresnet_mini
 
@@ -129,7 +129,7 @@ def test_fine_tune_schedule_and_discriminative_lrs(hub):
     write_checkpoint(resnet18)
     learn = vision_learner(tensor_dls(n=16), resnet18, n_out=4, normalize=False)
     seen = []
-    from exp.learner import Callback
+    from exp.callback_core import Callback
     class Peek(Callback):
         def after_batch(self, learn):
             if learn.training: seen.append((learn.get_hyper('lr'), learn.model[0][0].weight.requires_grad))

@@ -33,6 +33,67 @@ def test_module_imports_alone_without_gpu_side_effects(mod):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def exp_imports(path):
+    "(module-level exp modules imported, [(line, module) imported inside a function or class body]) of one module file."
+    tree = ast.parse(path.read_text())
+    def names(node):
+        if isinstance(node, ast.ImportFrom) and node.module and (node.module == 'exp' or node.module.startswith('exp.')):
+            return [node.module] if node.module != 'exp' else [f'exp.{a.name}' for a in node.names]
+        if isinstance(node, ast.Import): return [a.name for a in node.names if a.name.startswith('exp.')]
+        return []
+    top = {n for node in tree.body for n in names(node)}
+    nested = [(node.lineno, n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(fn) for n in names(node)]
+    return top, nested
+
+
+def module_graph():
+    return {m: {i for i in exp_imports(ROOT / (m.replace('.', '/') + '.py'))[0] if i in MODULES} for m in MODULES}
+
+
+def test_module_graph_has_no_cycle():
+    "Layers, low to high: each module imports only modules below it, so the graph of top-level imports is acyclic."
+    graph, state, cycles = module_graph(), {}, []
+    def visit(m, stack):
+        state[m] = 'open'
+        for d in sorted(graph[m]):
+            if state.get(d) == 'open': cycles.append(' -> '.join(stack[stack.index(d):] + [d]) if d in stack else f'{m} -> {d}')
+            elif d not in state: visit(d, stack + [d])
+        state[m] = 'done'
+    for m in MODULES:
+        if m not in state: visit(m, [m])
+    assert not cycles, 'import cycles among exp modules:\n' + '\n'.join(cycles)
+    # and the layering the library is built on: nothing below the Learner knows about it or about vision
+    low = ['exp.core', 'exp.test', 'exp.torch_core', 'exp.callback_core', 'exp.metrics', 'exp.minibatch', 'exp.data']
+    def reach(m, seen=None):
+        seen = set() if seen is None else seen
+        for d in graph[m]:
+            if d not in seen: seen.add(d); reach(d, seen)
+        return seen
+    for m in low:
+        assert not reach(m) & {'exp.learner', 'exp.vision', 'exp.datablock'}, f'{m} depends on {reach(m)}'
+    assert not reach('exp.datablock') & {'exp.learner', 'exp.vision'}, reach('exp.datablock')
+
+
+def test_no_exp_import_inside_a_function():
+    "No import of an exp module inside a function (the way to dodge a cycle); the command line alone defers its imports, for start-up time."
+    bad = [f'{p.relative_to(ROOT)}:{line}: {mod}' for p in sorted((ROOT / 'exp').rglob('*.py')) if p.name != '__main__.py'
+           for line, mod in exp_imports(p)[1]]
+    assert not bad, 'imports inside functions:\n' + '\n'.join(bad)
+
+
+def test_learner_methods_do_not_depend_on_import_order():
+    "In a fresh interpreter `from exp.all import *` gives the Learner every method later modules add, whatever is imported first."
+    methods = ['fit', 'fit_one_cycle', 'fit_flat_cos', 'lr_find', 'save', 'load', 'to_fp16', 'to_bf16', 'fine_tune',
+               'freeze', 'unfreeze', 'summary', 'predict', 'get_preds', 'tta', 'show_results', 'export', 'distrib_ctx',
+               'show_training_loop']
+    code = ('import exp.learner, exp.all\nmissing = [m for m in %r if not callable(getattr(exp.learner.Learner, m, None))]\n'
+            'assert not missing, missing\nassert exp.learner.Learner.resume_cb is exp.all.Resume\n'
+            'assert exp.all.StopOnInterrupt in exp.all.defaults.callbacks' % methods)
+    r = subprocess.run([PY, '-c', code], cwd='/', capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_public_names_have_docstrings():
     "Every public function and class exported has at least a one-line docstring (the docs need it)."
     missing = []

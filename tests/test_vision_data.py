@@ -56,7 +56,7 @@ def test_L_repr_and_indexing():
 
 
 def test_path_ls_returns_L(folder):
-    import exp.data  # noqa: F401  (patches Path.ls)
+    import exp.data  # noqa: F401  (adds Path.ls)
     ls = folder.ls()
     assert isinstance(ls, L) and [p.name for p in ls] == ['train', 'valid']
     assert len((folder / 'train' / 'cat').ls(n_max=3)) == 3
