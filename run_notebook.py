@@ -606,7 +606,7 @@ def main(argv=None) -> int:
     ap.add_argument('--zygote', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.zygote: return zygote_main()
-    cfg = read_settings(find_root(args.root))
+    cfg = read_settings(find_root(args.root, course_ok=True))      # no settings.ini: a course folder, notebooks here
     paths = []
     for a in args.notebooks or []:
         cands = [Path(a), cfg['root'] / a, cfg['nbs'] / a, cfg['nbs'] / f'{a}.ipynb']

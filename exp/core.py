@@ -15,7 +15,9 @@ __all__ = ['num_cpus',
            'exportable',
            'exportable_name',
            'registered',
-           'registered_names']
+           'registered_names',
+           'using_attr',
+           'doc']
 
 # %% nbs/00a_core.ipynb (id: 39168441)
 import contextlib, functools, inspect, itertools, os, tempfile, types
@@ -120,8 +122,8 @@ class L(list):
         return self._new([i for i, o in enumerate(self) if bool(f(o)) != negate])
 
     def attrgot(self, name, default=None):
-        "`o.name` for each item (`default` when missing)."
-        return self.map(lambda o: getattr(o, name, default))
+        "`o.name` for each item, or `o[name]` for dict items (`default` when missing), as fastcore's."
+        return self.map(lambda o: o.get(name, default) if isinstance(o, dict) else getattr(o, name, default))
 
     def itemgot(self, *idxs):
         "`o[i]` for each item (`o[i][j]...` for several indices)."
@@ -298,3 +300,26 @@ def registered_names(kind=None, callables=False):
     return sorted(n for n, o in _EXPORTABLE.items() if (kind is None and not callables) or
                   (kind is not None and isinstance(o, type) and issubclass(o, kind)) or
                   (callables and not isinstance(o, type) and callable(o)))
+
+# %% nbs/00a_core.ipynb (id: c298aa40)
+def using_attr(f, attr):
+    "A function of `x` that returns `f(getattr(x, attr))` (fastcore's)."
+    def _inner(x): return f(getattr(x, attr))
+    _inner.__name__ = f'{getattr(f, "__name__", type(f).__name__)}_of_{attr}'
+    return _inner
+
+
+def doc(elt):
+    "Show `elt`'s signature and docstring (fastai's `doc`): an HTML block in a notebook, plain text elsewhere."
+    try: sig = str(inspect.signature(elt))
+    except (TypeError, ValueError): sig = ''
+    name, text = getattr(elt, '__qualname__', getattr(elt, '__name__', repr(elt))), inspect.getdoc(elt) or '(no documentation)'
+    where = getattr(inspect.getmodule(elt), '__name__', '')
+    try:
+        from IPython.display import HTML, display            # present wherever a notebook is
+        import html
+        if get_ipython() is not None:
+            return display(HTML(f'<h4><code>{html.escape(name + sig)}</code></h4><p>{html.escape(text)}</p>'
+                                f'<p><small>{html.escape(where)}</small></p>'))
+    except (ImportError, NameError): pass
+    print(f'{name}{sig}\n    {text}\n    ({where})')

@@ -16,7 +16,7 @@ __all__ = ['data_dir',
            'untar_data']
 
 # %% nbs/02_data.ipynb (id: 5ab8d2f1)
-import gzip, hashlib, os, shutil, sys, tarfile, tempfile, urllib.error, urllib.request, zipfile
+import gzip, hashlib, os, re, shutil, sys, tarfile, tempfile, time, urllib.error, urllib.parse, urllib.request, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,8 +59,9 @@ def _progress(done, total, name, last=[0]):
         print(f'\r{name}: {done / total:6.1%} of {total / 1e6:.1f} MB', end='', file=sys.stderr, flush=True)
 
 
-def download_url(url, dest, sha256=None, timeout=30, show_progress=True, overwrite=False):
-    "Download `url` to `dest` (resuming a `.part` file), verify `sha256` if given; returns `dest`."
+def download_url(url, dest, sha256=None, timeout=30, show_progress=True, overwrite=False, min_rate=1024, rate_window=60,
+                 deadline=None):
+    "Download `url` to `dest` (resuming a `.part` file), verify `sha256` if given; returns `dest`. Gives up (keeping the part) below `min_rate` bytes/s over `rate_window` s, or after `deadline` s."
     dest = Path(dest)
     if dest.exists() and not overwrite: return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -81,11 +82,23 @@ def download_url(url, dest, sha256=None, timeout=30, show_progress=True, overwri
             length = resp.headers.get('Content-Length')
             total = (int(length) + (have if resumed else 0)) if length else None
             done = have if resumed else 0
+            start = time.monotonic()
+            window = (start, done)                         # (time, bytes) at the start of the current rate window
             with open(part, 'ab' if resumed else 'wb') as f:
                 try:
-                    while chunk := resp.read(1 << 16):
+                    while chunk := resp.read1(1 << 16):         # what has arrived (read() waits for all of it)
                         f.write(chunk); done += len(chunk)
                         if show_progress: _progress(done, total, dest.name)
+                        now = time.monotonic()
+                        if deadline is not None and now - start > deadline:
+                            raise DownloadError(f'{url}: not finished after {deadline:g} s ({done} bytes); call again to '
+                                                f'resume from {part}')
+                        if now - window[0] >= rate_window:           # a server trickling bytes never times out a read
+                            if (done - window[1]) / (now - window[0]) < min_rate:
+                                raise DownloadError(f'{url}: too slow ({(done - window[1]) / (now - window[0]):.0f} bytes/s '
+                                                    f'over {now - window[0]:.0f} s, under {min_rate}); call again to resume '
+                                                    f'from {part}')
+                            window = (now, done)
                 except (OSError, ValueError) as e:
                     raise DownloadError(f'{url}: connection lost after {done} bytes ({e}); '
                                         f'call again to resume from {part}') from None
@@ -149,11 +162,45 @@ FASHION_MNIST_FOLDERS = [c.replace('/', '_').replace(' ', '_') for c in FASHION_
 
 
 class URLs:
-    "Names of datasets `untar_data` knows; any http(s)/file URL of a tar or zip works too."
+    "Names of datasets `untar_data` knows: Fashion-MNIST (offline) and fastai's own data sets (downloaded); any http(s) URL of a tar or zip works too."
     FASHION_MNIST = 'exp://fashion_mnist'            # the 4 IDX .gz files
     FASHION_MNIST_PNG = 'exp://fashion_mnist_png'    # training/<class>/*.png, testing/<class>/*.png
     FASHION_MNIST_BASE = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
     DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+    # fastai's data sets, at the addresses fastai downloads them from (needs the internet)
+    S3 = 'https://s3.amazonaws.com/fast-ai-'
+    S3_IMAGE, S3_IMAGELOC, S3_NLP, S3_COCO = f'{S3}imageclas/', f'{S3}imagelocal/', f'{S3}nlp/', f'{S3}coco/'
+    MNIST = f'{S3_IMAGE}mnist_png.tgz'
+    MNIST_SAMPLE = f'{S3}sample/mnist_sample.tgz'
+    MNIST_TINY = f'{S3}sample/mnist_tiny.tgz'
+    MNIST_VAR_SIZE_TINY = f'{S3_IMAGE}mnist_var_size_tiny.tgz'
+    PETS = f'{S3_IMAGE}oxford-iiit-pet.tgz'
+    CIFAR = f'{S3_IMAGE}cifar10.tgz'
+    CIFAR_100 = f'{S3_IMAGE}cifar100.tgz'
+    CALTECH_101 = f'{S3_IMAGE}caltech_101.tgz'
+    CARS = f'{S3_IMAGE}stanford-cars.tgz'
+    FLOWERS = f'{S3_IMAGE}oxford-102-flowers.tgz'
+    FOOD = f'{S3_IMAGE}food-101.tgz'
+    IMAGENETTE = f'{S3_IMAGE}imagenette2.tgz'
+    IMAGENETTE_160 = f'{S3_IMAGE}imagenette2-160.tgz'
+    IMAGENETTE_320 = f'{S3_IMAGE}imagenette2-320.tgz'
+    IMAGEWOOF = f'{S3_IMAGE}imagewoof2.tgz'
+    IMAGEWOOF_160 = f'{S3_IMAGE}imagewoof2-160.tgz'
+    IMAGEWOOF_320 = f'{S3_IMAGE}imagewoof2-320.tgz'
+    CAMVID = f'{S3_IMAGELOC}camvid.tgz'
+    CAMVID_TINY = f'{S3}sample/camvid_tiny.tgz'
+    BIWI_SAMPLE = f'{S3}sample/biwi_sample.tgz'
+    PASCAL_2007 = f'{S3_IMAGELOC}pascal_2007.tgz'
+    COCO_SAMPLE = f'{S3_COCO}coco_sample.tgz'
+    COCO_TINY = f'{S3_COCO}coco_tiny.tgz'
+    ADULT_SAMPLE = f'{S3}sample/adult_sample.tgz'
+    IMDB = f'{S3_NLP}imdb.tgz'
+    IMDB_SAMPLE = f'{S3}sample/imdb_sample.tgz'
+
+    @classmethod
+    def name_of(cls, url):
+        "The `URLs` attribute holding `url` (`'PETS'`), or None."
+        return next((k for k, v in vars(cls).items() if k.isupper() and v == url), None)
 
 # %% nbs/02_data.ipynb (id: f152dd84)
 FASHION_MNIST_FILES = {  # file -> (sha256 of the decompressed IDX content, its size in bytes)
@@ -238,22 +285,41 @@ def fashion_mnist_png(dest=None):
     return dest
 
 
+_NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9._+-]*')
+
+
+def _archive_name(url):
+    "The archive's file name and the folder it extracts to, from `url`'s last path part; a ValueError for anything unsafe."
+    fname = urllib.parse.urlparse(url).path.rstrip('/').rsplit('/', 1)[-1]
+    stem = fname
+    for ext in ('.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.tar', '.zip'):
+        if stem.endswith(ext): stem = stem[:-len(ext)]; break
+    if not (_NAME_RE.fullmatch(fname) and _NAME_RE.fullmatch(stem)) or stem in ('.', '..'):
+        raise ValueError(f'{url}: the URL does not end in an archive name untar_data can use as a folder name '
+                         f'(got {fname!r}); pass the archive\'s URL, e.g. https://host/path/data.tgz')
+    return fname, stem
+
+
 def untar_data(url, data=None, force_download=False, sha256=None):
     "Download and extract `url` (tar/zip) once, or resolve a built-in `URLs` name; returns the folder."
     if url == URLs.FASHION_MNIST: return fashion_mnist_path()
     if url == URLs.FASHION_MNIST_PNG: return fashion_mnist_png(Path(data) / 'fashion_mnist_png' if data else None)
-    base = Path(data) if data else data_dir()
-    fname = url.rstrip('/').rsplit('/', 1)[-1].split('?')[0]
-    stem = fname
-    for ext in ('.tar.gz', '.tgz', '.tar.bz2', '.tar.xz', '.tar', '.zip'):
-        if stem.endswith(ext): stem = stem[:-len(ext)]; break
+    base = (Path(data) if data else data_dir()).resolve()
+    fname, stem = _archive_name(url)
     dest = base / stem
+    if dest.resolve().parent != base: raise ValueError(f'{url}: {dest} would not be inside {base}')   # (a symlink out)
     if force_download and dest.exists(): shutil.rmtree(dest)
     if dest.exists(): return dest
     archive = base / 'archive' / fname
     with _locked(base / f'.{stem}.lock'):
         if dest.exists(): return dest
-        download_url(url, archive, sha256=sha256, overwrite=force_download)
+        try: download_url(url, archive, sha256=sha256, overwrite=force_download)
+        except DownloadError as e:
+            name = URLs.name_of(url)
+            if name is None: raise
+            raise DownloadError(f'{e} [URLs.{name}: fastai\'s data set, downloaded from {url}. Without the internet, put '
+                                f'the archive at {archive}, or train on what is here: untar_data(URLs.FASHION_MNIST_PNG), '
+                                f'Fashion-MNIST from local files]') from None
         try: extract_archive(archive, dest)
         except DownloadError:
             archive.unlink(missing_ok=True)            # a bad archive is not kept for next time

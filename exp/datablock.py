@@ -766,6 +766,21 @@ class TfmdDataLoaders(DataLoaders):
         return self.vocab
 
     @property
+    def train_dl(self):
+        "fastai v1's name for `train`."
+        return self.train
+
+    @property
+    def valid_dl(self):
+        "fastai v1's name for `valid`."
+        return self.valid
+
+    @property
+    def test_ds(self):
+        "fastai v1's test set: the dataset of a third loader if there is one, else None."
+        return self.loaders[2].dataset if len(self.loaders) > 2 else None
+
+    @property
     def c(self):
         "The number of classes (the length of the vocab), or None."
         v = self.vocab

@@ -19,6 +19,7 @@ __all__ = ['default_device',
 # %% nbs/03_learner.ipynb (id: 75508e74)
 import math, os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -142,7 +143,8 @@ class Flatten(nn.Module):
 
 
 def tensor(x, *rest, **kwargs):
-    "fastai's `tensor`: `torch.tensor(x)` (several numbers: `tensor(1, 2)`), a tensor unchanged, anything array-like converted."
+    "fastai's `tensor`: `torch.tensor(x)` (several numbers: `tensor(1, 2)`), a tensor unchanged, a PIL image or array converted."
     if rest: x = (x, *rest)
     if isinstance(x, torch.Tensor): return x
+    if hasattr(x, '__array_interface__') or hasattr(x, '__array__'): x = np.array(x)     # a PIL image, an array...
     return torch.tensor(list(x) if isinstance(x, (tuple, range)) else x, **kwargs)

@@ -23,6 +23,7 @@ __all__ = ['ImageReadError',
            'Rotate',
            'Zoom',
            'Warp',
+           'RandomResizedCropGPU',
            'LightingTfm',
            'Brightness',
            'Contrast',
@@ -34,7 +35,7 @@ __all__ = ['ImageReadError',
            'ImageDataLoaders']
 
 # %% nbs/04a_vision.ipynb (id: 7afa4b18)
-import io, math, os, random, re, warnings
+import io, math, os, random, re, warnings, zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -59,12 +60,12 @@ _TVIO_DEPRECATION = 'The image decoding and encoding capabilities of TorchVision
 
 
 def _tvio():
-    "torchvision.io if it still has its PNG/JPEG decoders (imported on first use: it takes a second), else False."
+    "torchvision.io if it still has its PNG decoder (imported on first use: it takes a second), else False."
     global _TVIO
     if _TVIO is None:
         try:
             import torchvision.io as tio
-            _TVIO = tio if hasattr(tio, 'decode_png') and hasattr(tio, 'decode_jpeg') else False
+            _TVIO = tio if hasattr(tio, 'decode_png') else False
             warnings.filterwarnings('ignore', message=_TVIO_DEPRECATION, category=DeprecationWarning)
         except ImportError: _TVIO = False
     return _TVIO
@@ -73,17 +74,35 @@ def _tvio():
 _PNG_SIG = b'\x89PNG\r\n\x1a\n'
 
 
+def _png_sound(data, channels):
+    "Whether PNG bytes `data` are an 8-bit, non-interlaced image of `channels` (1 gray, 3 RGB) that is complete and sound."
+    if data[:8] != _PNG_SIG: return False
+    pos, ihdr, idat = 8, None, []
+    while True:                                        # chunks: length, type, body, CRC of type + body
+        if pos + 12 > len(data): return False          # no IEND: cut short
+        n, kind = int.from_bytes(data[pos:pos + 4], 'big'), data[pos + 4:pos + 8]
+        end = pos + 12 + n
+        if end > len(data) or zlib.crc32(data[pos + 4:pos + 8 + n]) != int.from_bytes(data[end - 4:end], 'big'): return False
+        if kind == b'IHDR': ihdr = data[pos + 8:pos + 8 + n]
+        elif kind == b'IDAT': idat.append(data[pos + 8:pos + 8 + n])
+        elif kind == b'IEND': break
+        pos = end
+    if ihdr is None or len(ihdr) != 13: return False
+    w, h, depth, color, interlace = int.from_bytes(ihdr[:4], 'big'), int.from_bytes(ihdr[4:8], 'big'), ihdr[8], ihdr[9], ihdr[12]
+    if depth != 8 or color != (0 if channels == 1 else 2) or interlace != 0: return False
+    if not 0 < w * h <= (PIL.Image.MAX_IMAGE_PIXELS or 2 ** 31): return False
+    row, d = 1 + w * channels, zlib.decompressobj()
+    try: raw = d.decompress(b''.join(idat), h * row + 1)   # at most one byte more than the image needs: a bomb stops here
+    except zlib.error: return False
+    return len(raw) == h * row and d.eof and all(f <= 4 for f in raw[::row])     # each row: filter type 0-4
+
+
 def _decode_fast(data, mode):
-    "PNG/JPEG bytes already in `mode` ('L' or 'RGB') decoded with torchvision.io to a (C, H, W) uint8 tensor; else None."
+    "PNG bytes already in `mode` ('L' or 'RGB') and checked sound, decoded with torchvision.io to a (C, H, W) uint8 tensor; else None."
     want = {'L': 1, 'RGB': 3}.get(mode)
-    if want is None or not _tvio(): return None
-    if data[:8] == _PNG_SIG:                           # IHDR: bit depth at byte 24, colour type at 25 (0 gray, 2 RGB)
-        if len(data) < 26 or data[24] != 8 or data[25] != (0 if want == 1 else 2): return None
-        decode = _tvio().decode_png
-    elif data[:3] == b'\xff\xd8\xff': decode = _tvio().decode_jpeg
-    else: return None
-    try: t = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    except RuntimeError: return None                   # truncated, corrupt or unusual: PIL decides and names the file
+    if want is None or not _tvio() or not _png_sound(data, want): return None
+    try: t = _tvio().decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except RuntimeError: return None                   # unusual: PIL decides and names the file
     return t if t.ndim == 3 and t.shape[0] == want and t.dtype == torch.uint8 else None
 
 
@@ -105,6 +124,7 @@ class PILImage(PIL.Image.Image):
     @classmethod
     def create(cls, fn, mode=None):
         "Open/convert `fn` (path, bytes, PIL image, HWC array or CHW tensor) as this class, in `mode` (default `cls._mode`)."
+        if isinstance(getattr(fn, 'px', None), torch.Tensor): fn = fn.px      # fastai v1's Image (a dataset's item)
         if isinstance(fn, torch.Tensor):
             t = fn.detach().cpu()
             if t.is_floating_point(): t = (t.clamp(0, 1) * 255).round()
@@ -121,8 +141,10 @@ class PILImage(PIL.Image.Image):
                     with open(fn, 'rb') as f: data = f.read()
                 t = _decode_fast(data, mode)
                 if t is not None: return cls._from_tensor(t)
-                im = PIL.Image.open(io.BytesIO(data))
-                im.load()
+                with warnings.catch_warnings():        # over MAX_IMAGE_PIXELS PIL only warns (up to twice it): refuse
+                    warnings.simplefilter('error', PIL.Image.DecompressionBombWarning)
+                    im = PIL.Image.open(io.BytesIO(data))
+                    im.load()
             except Exception as e:
                 raise ImageReadError(f'{name}: cannot read image ({type(e).__name__}: {e})') from None
         im = _to_mode(im, mode or cls._mode)
@@ -173,7 +195,7 @@ def verify_images(fns, n_workers=None):
 
 
 def download_images(dest, urls=None, max_pics=1000, n_workers=8, timeout=4, preserve_filename=False, url_file=None):
-    "Download up to `max_pics` of `urls` (a list, or a file with one per line) into `dest` in parallel; returns the valid images kept."
+    "Download up to `max_pics` of `urls` (a list, or a file with one per line) into `dest` in parallel; returns the files downloaded (check them with `verify_images`)."
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if url_file is not None or isinstance(urls, (str, Path)) and Path(urls).is_file():
@@ -191,9 +213,6 @@ def download_images(dest, urls=None, max_pics=1000, n_workers=8, timeout=4, pres
         except Exception as e:
             fn.with_name(fn.name + '.part').unlink(missing_ok=True)
             return None, f'{url}: {e}'
-        if not verify_image(fn):
-            fn.unlink(missing_ok=True)
-            return None, f'{url}: not a readable image (deleted)'
         return fn, None
 
     res = parallel(one, list(enumerate(urls)), n_workers=n_workers)
@@ -409,9 +428,8 @@ def warp_images(x, mat, size=None, mode='bilinear', pad_mode='reflection', align
 
 @exportable
 class AffineCoordTfm(Transform):
-    "Batch augmentation (train only): compose the matrices of `tfms` (Flip, Rotate, Zoom, Warp...) into one `grid_sample`."
+    "Batch augmentation: compose the matrices of `tfms` (Flip, Rotate, Zoom, Warp...) into one `grid_sample`; in validation, only the resize to `size`."
     order = 30
-    split_idx = 0
     input_types = (TensorImage,)
     size, mode, pad_mode, align_corners = None, 'bilinear', 'reflection', True   # defaults for the parts used alone
 
@@ -425,10 +443,19 @@ class AffineCoordTfm(Transform):
         return m
 
     def before_call(self, b, split_idx):
-        x = _first_image(b)
-        if x is not None: self._mat = self.matrix(x.shape[0], x.shape[-2], x.shape[-1])
+        x, self._mat = _first_image(b), None
+        if x is None: return
+        if split_idx == 0: self._mat = self.matrix(x.shape[0], x.shape[-2], x.shape[-1])      # training: augment
+        elif self.size is not None: self._mat = self.valid_matrix(x.shape[0], x.shape[-2], x.shape[-1])
+
+    def valid_matrix(self, n, h, w):
+        "The matrices for validation (no randomness): the parts' own (the identity for most), so mostly just the resize to `size`."
+        m = torch.eye(3).repeat(n, 1, 1)
+        for t in getattr(self, 'tfms', []): m = m @ t.valid_matrix(n, h, w)
+        return m
 
     def encodes(self, x):
+        if self._mat is None: return x                    # validation without a size: nothing to do
         return warp_images(x, self._mat, self.size, self.mode, self.pad_mode, self.align_corners)
 
 
@@ -508,6 +535,27 @@ class Warp(AffineCoordTfm):
         to_unit = torch.tensor([[0.5, 0, 0.5], [0, 0.5, 0.5], [0, 0, 1.]])      # [-1, 1] -> [0, 1]
         return _square_to_quad(corners) @ to_unit
 
+# %% nbs/04a_vision.ipynb (id: df3f0ab5)
+@exportable
+class RandomResizedCropGPU(AffineCoordTfm):
+    "On the batch: crop a random area of `min_scale` to 1 of each image, aspect ratio in `ratio` (the resize is `AffineCoordTfm`'s `size`); validation keeps the centre."
+    def __init__(self, min_scale=0.08, ratio=(3 / 4, 4 / 3), valid_scale=1.):
+        self.min_scale, self.ratio, self.valid_scale = min_scale, tuple(ratio), valid_scale
+
+    def matrix(self, n, h, w):
+        area = torch.empty(n).uniform_(self.min_scale, 1.)
+        logr = torch.empty(n).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        sx, sy = (area * logr.exp()).sqrt().clamp(max=1.), (area / logr.exp()).sqrt().clamp(max=1.)   # crop/full, per axis
+        m = torch.eye(3).repeat(n, 1, 1)
+        m[:, 0, 0], m[:, 1, 1] = sx, sy
+        m[:, 0, 2], m[:, 1, 2] = (1 - sx) * (torch.rand(n) * 2 - 1), (1 - sy) * (torch.rand(n) * 2 - 1)
+        return m
+
+    def valid_matrix(self, n, h, w):
+        m = torch.eye(3).repeat(n, 1, 1)
+        m[:, 0, 0] = m[:, 1, 1] = math.sqrt(self.valid_scale)
+        return m
+
 # %% nbs/04a_vision.ipynb (id: 64d4ac30)
 @exportable
 class LightingTfm(Transform):
@@ -563,10 +611,10 @@ class Contrast(LightingTfm):
 
 def aug_transforms(mult=1.0, do_flip=True, flip_vert=False, max_rotate=10., min_zoom=1., max_zoom=1.1, max_lighting=0.2,
                    max_warp=0.2, p_affine=0.75, p_lighting=0.75, xtra_tfms=None, size=None, mode='bilinear',
-                   pad_mode='reflection', align_corners=True):
-    "fastai's default augmentation: one `AffineCoordTfm` (flip, rotate, zoom, warp) and one `LightingTfm`; `mult` scales rotation, lighting and warp."
+                   pad_mode='reflection', align_corners=True, batch=False, min_scale=1.):
+    "fastai's default augmentation: one `AffineCoordTfm` (random resized crop to `size`, flip, rotate, zoom, warp) and one `LightingTfm`; `mult` scales rotation, lighting and warp."
     max_rotate, max_lighting, max_warp = max_rotate * mult, max_lighting * mult, max_warp * mult
-    aff = []
+    aff = [RandomResizedCropGPU(min_scale=min_scale, ratio=(1, 1))] if size is not None and min_scale < 1 else []
     if do_flip: aff.append(Dihedral(p=0.5) if flip_vert else Flip(p=0.5))
     if max_rotate: aff.append(Rotate(max_deg=max_rotate, p=p_affine))
     if min_zoom < 1 or max_zoom > 1: aff.append(Zoom(min_zoom=min_zoom, max_zoom=max_zoom, p=p_affine))

@@ -10,6 +10,7 @@ __all__ = ['resnet18',
            'is_torchvision_arch',
            'hub_checkpoint_path',
            'arch_weights',
+           'download_pretrained',
            'load_torchvision_pretrained',
            'adapt_conv_weight',
            'set_input_channels',
@@ -110,16 +111,27 @@ def arch_weights(arch, name=None):
     except KeyError: raise ValueError(f'{arch.__name__} has no weights {name!r}: {[w.name for w in enum]}') from None
 
 
-def load_torchvision_pretrained(arch, weights=None):
-    "`arch` with its pretrained `weights` (default: `DEFAULT`) read from the torch hub cache; fails fast, offline, when the file is missing."
-    weights = weights or arch_weights(arch)
+def download_pretrained(weights, progress=True, name='model'):
+    "The torch hub cache file of torchvision `weights`, downloaded first if missing (hash-checked, written atomically); a clear FileNotFoundError when it cannot be."
     path = hub_checkpoint_path(weights)
-    if not path.is_file():
+    if path.is_file(): return path
+    m = torch.hub.HASH_REGEX.search(path.name)                # torchvision names files <arch>-<sha256 prefix>.pth
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try: torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=m.group(1) if m else None, progress=progress)
+    except Exception as e:                                     # offline, 404, truncated, wrong hash: nothing is left behind
+        why = ' '.join(str(e).split())[:200]
         raise FileNotFoundError(
-            f'{arch.__name__}: pretrained weights {weights} are not in the torch hub cache, and this library does not '
-            f'download them. Expected the file {path} (download {weights.url} on a machine with internet and copy it '
-            f'there; $TORCH_HOME moves the cache). Or pass pretrained=False (random weights) or '
-            f"pretrained='path/to/weights.pth' (a state dict you saved).")
+            f'{name}: pretrained weights {weights} are not in the torch hub cache and could not be downloaded from '
+            f'{weights.url} ({type(e).__name__}: {why}). Expected the file {path} (offline: download it on a machine '
+            f'with internet and copy it there; $TORCH_HOME moves the cache). Or pass pretrained=False (random weights) '
+            f"or pretrained='path/to/weights.pth' (a state dict you saved).") from None
+    return path
+
+
+def load_torchvision_pretrained(arch, weights=None):
+    "`arch` with its pretrained `weights` (default: `DEFAULT`): from the torch hub cache, downloaded into it the first time."
+    weights = weights or arch_weights(arch)
+    download_pretrained(weights, name=arch.__name__)
     return arch(weights=weights, progress=False)
 
 # %% nbs/06a_vision_learner.ipynb (id: 83a9f481)

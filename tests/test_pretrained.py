@@ -22,10 +22,13 @@ def tensor_dls(n=32, c=3, size=32, n_classes=4, seed=0):
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    "An empty torch hub cache in a temporary TORCH_HOME, and no way for torch.hub to download anything."
+    "An empty torch hub cache in a temporary TORCH_HOME, and no route to the internet (as on this machine and offline users')."
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    def no_network(*a, **k): raise AssertionError(f'network download attempted: {a[:1]}')
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    real = socket.socket.connect
+    def offline(self, addr, *a, **k):
+        if isinstance(addr, tuple) and addr[0] in ('127.0.0.1', 'localhost'): return real(self, addr, *a, **k)
+        raise OSError(101, 'Network is unreachable')
+    monkeypatch.setattr(socket.socket, 'connect', offline)
     return tmp_path
 
 
@@ -57,13 +60,55 @@ def test_cached_checkpoint_loads_through_torchvision(hub):
     assert learn.model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
-def test_missing_checkpoint_fails_without_network_with_instructions(hub, monkeypatch):
-    def no_network(*args, **kwargs): raise AssertionError('a network connection was attempted')
-    monkeypatch.setattr(socket.socket, 'connect', no_network)
+def test_missing_checkpoint_offline_fails_with_instructions(hub):
     with pytest.raises(FileNotFoundError) as e: vision_learner(tensor_dls(), resnet34, n_out=4)
     msg = str(e.value)
     assert str(hub / 'torch_home' / 'hub' / 'checkpoints' / 'resnet34-b627a593.pth') in msg
     assert 'pretrained=False' in msg and "pretrained='path" in msg and 'https://download.pytorch.org/models/' in msg
+    assert 'could not be downloaded' in msg and not list((hub / 'torch_home' / 'hub' / 'checkpoints').iterdir())
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    "A web server on 127.0.0.1 serving resnet18 weights: whole, cut short, with the wrong content, or not at all; counts GETs."
+    import functools, hashlib, http.server, io, threading
+    torch.manual_seed(5)
+    buf = io.BytesIO(); torch.save(resnet18().state_dict(), buf); good = buf.getvalue()
+    prefix = hashlib.sha256(good).hexdigest()[:8]
+    files = {f'/resnet18-{prefix}.pth': good, f'/cut/resnet18-{prefix}.pth': good,
+             f'/wrong/resnet18-{prefix}.pth': good[:-10] + b'0123456789'}
+    hits = []
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a): pass
+        def do_GET(self):
+            hits.append(self.path)
+            body = files.get(self.path)
+            if body is None: self.send_error(404); return
+            self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()
+            self.wfile.write(body[:len(body) // 2] if self.path.startswith('/cut/') else body)
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{srv.server_address[1]}', prefix, good, hits
+    srv.shutdown(); srv.server_close()
+
+
+def test_pretrained_weights_download_once_checked_and_atomic(hub, weights_server):
+    "The download goes through torch.hub's downloader (progress, hash prefix): a good file lands once; bad ones leave nothing."
+    from types import SimpleNamespace
+    base, prefix, good, hits = weights_server
+    cache = hub / 'torch_home' / 'hub' / 'checkpoints'
+    for sub, why in [('cut/', 'IncompleteRead|hash'), ('wrong/', 'hash'), ('missing/', '404')]:
+        w = SimpleNamespace(url=f'{base}/{sub}resnet18-{prefix}.pth')
+        with pytest.raises(FileNotFoundError, match=why) as e: vl.download_pretrained(w, progress=False, name='resnet18')
+        assert w.url in str(e.value) and str(cache / f'resnet18-{prefix}.pth') in str(e.value)
+        assert not cache.exists() or list(cache.iterdir()) == [], f'{sub}: something was left in the cache'
+    w = SimpleNamespace(url=f'{base}/resnet18-{prefix}.pth')
+    path = vl.download_pretrained(w, progress=False)
+    assert path == cache / f'resnet18-{prefix}.pth' and path.read_bytes() == good and list(cache.iterdir()) == [path]
+    n = len(hits)
+    assert vl.download_pretrained(w, progress=False) == path and len(hits) == n          # once: the cache is used after
+    model = resnet18()
+    model.load_state_dict(torch.load(path, weights_only=True))                            # what torchvision then loads
 
 
 def test_grayscale_input_sums_the_pretrained_stem(hub):
