@@ -7,7 +7,7 @@ __all__ = ['find_splits',
            'main']
 
 # %% nbs/07c_cli.ipynb (id: 57f6f9be)
-import argparse, sys
+import argparse, sys, tempfile
 from pathlib import Path
 
 # %% nbs/07c_cli.ipynb (id: 5ee0e508)
@@ -53,6 +53,19 @@ def _model(arch, n_out, n_in, size):
         raise ValueError(f"--arch {arch}: not 'cnn', 'mnist_convnet' or a torchvision classification model") from None
 
 
+def _check_train_args(epochs, bs, size, lr, valid_pct, limit, out):
+    "Refuse, before training, what would fail after it (an unwritable output) or make no sense (no epochs, a share over 1)."
+    for name, v in (('--epochs', epochs), ('--bs', bs), ('--size', size), ('--limit', limit)):
+        if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f'{name} {v}: must be a whole number, at least 1')
+    if lr is not None and not (0 < lr < float('inf')): raise ValueError(f'--lr {lr}: must be a positive number')
+    if not 0 < valid_pct < 1: raise ValueError(f'--valid-pct {valid_pct}: must be between 0 and 1 (the share held out)')
+    folder = Path(out).absolute().parent
+    if not folder.is_dir(): raise FileNotFoundError(f'--out {out}: the folder {folder} does not exist')
+    try:
+        with tempfile.TemporaryFile(dir=folder): pass             # the only sure test that we may write there
+    except OSError as e: raise PermissionError(f'--out {out}: cannot write in {folder} ({e.strerror})') from None
+
+
 def train_folder(path=None, epochs=1, arch='cnn', size=None, bs=64, lr=None, valid_pct=0.2, seed=42, limit=None,
                  out='export.pkl', num_workers=None, progress=None):
     "Train a classifier on the images under `path` (one folder per class; default: Fashion-MNIST), print the epoch table (`progress`: a `progress_mode`, default automatic), export it to `out`; returns the learner."
@@ -65,6 +78,7 @@ def train_folder(path=None, epochs=1, arch='cnn', size=None, bs=64, lr=None, val
     from exp.learner import Learner
     from exp.minibatch import accuracy
     from exp.vision import ImageBlock, Normalize, PILImage, PILImageBW, Resize
+    _check_train_args(epochs, bs, size, lr, valid_pct, limit, out)        # before any work: nothing is trained for nothing
     path = Path(path) if path is not None else untar_data(URLs.FASHION_MNIST_PNG)
     if not path.exists(): raise FileNotFoundError(f'{path}: no such folder')
     if not path.is_dir(): raise NotADirectoryError(f'{path}: not a folder (train wants a folder with one sub-folder per class)')

@@ -20,7 +20,7 @@ __all__ = ['num_cpus',
            'doc']
 
 # %% nbs/00a_core.ipynb (id: 39168441)
-import contextlib, functools, inspect, itertools, os, tempfile, types
+import contextlib, functools, glob, inspect, itertools, os, tempfile, time, types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,6 +210,10 @@ def atomic_write(path, mode='wb'):
     "Context manager yielding a file whose content replaces `path` only if the block succeeds (same-folder temp file, fsync, `os.replace`)."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):       # left by a writer that was killed (SIGKILL,
+        try:                                                                # power cut): none is younger than a minute,
+            if time.time() - old.stat().st_mtime > 60: old.unlink()        # so a write in progress elsewhere is spared
+        except OSError: pass
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, mode) as f:

@@ -55,13 +55,19 @@ def get_files(path, extensions=None, recurse=True, folders=None, followlinks=Tru
     extensions = {e.lower() for e in listify(extensions)}
     if not recurse:
         return L(_files_in(path, [o.name for o in os.scandir(path) if o.is_file()], extensions))
-    res = []
+    res, seen, loops = [], set(), []
     for i, (p, d, f) in enumerate(os.walk(path, followlinks=followlinks)):
+        st = os.stat(p)                                  # a folder reached twice (a link loop, or two links to one folder)
+        if (st.st_dev, st.st_ino) in seen:               # is listed once: its files would otherwise be counted again
+            d[:] = []; loops.append(p); continue
+        seen.add((st.st_dev, st.st_ino))
         if i == 0 and folders: d[:] = [o for o in d if o in folders]
         else: d[:] = [o for o in d if not o.startswith('.')]
         d.sort()
         if i == 0 and folders and '.' not in folders: continue
         res += _files_in(Path(p), f, extensions)
+    if loops: warnings.warn(f'get_files: {len(loops)} folder(s) reached again through symbolic links were skipped, '
+                            f'e.g. {loops[0]} (a link loop, or two links to one folder)', stacklevel=2)
     return L(res)
 
 # %% nbs/04_datablock.ipynb (id: 74d0cd08)
@@ -294,6 +300,14 @@ def _mk_tfm(f):
     return Transform(f)
 
 
+def _named(f, o):
+    "`f(o)`; an error says which item it was (a note on the exception: its type stays, for callers that catch it)."
+    try: return f(o)
+    except Exception as e:
+        e.add_note(f'while applying {getattr(f, "name", f)} to item {o!r}')
+        raise
+
+
 class Pipeline:
     "Transforms (or plain functions) sorted by `order`, applied in turn; `split_idx` skips those meant for the other split."
     def __init__(self, funcs=None):
@@ -321,7 +335,7 @@ class Pipeline:
         xs = list(items)
         for i, f in enumerate(self.fs):
             if need[i]: f.setups(xs)
-            if any(need[i + 1:]): xs = [f(o) for o in xs]
+            if any(need[i + 1:]): xs = [_named(f, o) for o in xs]
 
     def __len__(self): return len(self.fs)
     def __iter__(self): return iter(self.fs)
@@ -339,6 +353,9 @@ class Categorize(Transform):
     def setups(self, labels):
         "Build the vocab from the training labels (unless one was given)."
         if self.vocab is None: self.vocab = CategoryMap(labels, sort=self.sort, add_na=self.add_na)
+        if len(self.vocab) == 1:
+            warnings.warn(f'every training label is {self.vocab[0]!r}: one class, nothing to tell apart (check get_y and '
+                          f'the folders)', stacklevel=2)
 
     def encodes(self, o):
         try: return self.vocab.o2i[o]
@@ -380,7 +397,10 @@ class Datasets:
 
     def __getitem__(self, i):
         it = self.items[i]
-        return tuple(p(it) for p in self.tfms)
+        try: return tuple(p(it) for p in self.tfms)
+        except Exception as e:
+            if not any('item' in n for n in getattr(e, '__notes__', [])): e.add_note(f'while processing item {i}: {it!r}')
+            raise
 
     def __len__(self): return len(self.items)
 
@@ -483,6 +503,7 @@ class TfmdDL:
     "Batches of `dataset`: `after_item` per sample (in `num_workers` processes), collated, moved to `device`, then `after_batch`."
     def __init__(self, dataset, bs=64, shuffle=False, drop_last=False, num_workers=None, device=None, after_item=None,
                  after_batch=None, split_idx=None, pin_memory=None, skip_errors=False):
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1: raise ValueError(f'bs={bs!r}: a batch size is a whole number, at least 1')
         self.dataset, self.bs, self.shuffle, self.drop_last = dataset, bs, shuffle, drop_last
         self.num_workers = defaults.num_workers if num_workers is None else num_workers
         self.after_item = after_item if isinstance(after_item, Pipeline) else Pipeline(after_item)

@@ -12,6 +12,7 @@ __all__ = ['EXPORT_FORMAT',
            'build_model',
            'learner_description',
            'read_export',
+           'MAX_ACTIVATION_BYTES',
            'load_learner']
 
 # %% nbs/07a_export.ipynb (id: d530c562)
@@ -419,7 +420,14 @@ def learner_description(learn):
             'torch_version': torch.__version__.split('+')[0], 'model': desc,
             'dtype': str(floats[0]).replace('torch.', '') if floats else 'float32',
             'dls': _describe_dls(learn.dls), 'loss_func': _describe_loss(learn.loss_func),
-            'metrics': [m.name for m in learn.metrics]}
+            'metrics': [m.name for m in learn.metrics], 'input_shape': _input_shape(learn.dls)}
+
+
+def _input_shape(dls):
+    "The shape of one input item, `[C, H, W]`, from a validation batch (what `load_learner` sizes its memory check with)."
+    try: xb = dls.valid.one_batch()[0]
+    except Exception: return None
+    return list(xb.shape[1:]) if isinstance(xb, torch.Tensor) else None
 
 
 def _weights(model):
@@ -539,6 +547,9 @@ def read_export(fname):
     name, size = str(p), p.stat().st_size
     with open(p, 'rb') as f: start = f.read(4096)
     if start[:len(_MAGIC)] == _MAGIC[:len(start[:len(_MAGIC)])] and start:     # version 1 (whole, or cut short)
+        n = struct.unpack('<Q', start[len(_MAGIC):len(_MAGIC) + 8])[0] if len(start) >= len(_MAGIC) + 8 else 0
+        if n > _MAX_HEADER or len(_MAGIC) + 8 + n > size:   # checked before reading the rest: a huge file is not read whole
+            raise ExportFormatError(f'{name}: damaged or truncated exp export (header of {n} bytes, file of {size})')
         header, payload = _unpack_v1(p.read_bytes(), name)
         _check_header(header, name)
         try: tensors = st_load(payload)
@@ -562,6 +573,30 @@ def _fit_weights(model, tensors, name):
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16, 'float64': torch.float64}
 
 
+MAX_ACTIVATION_BYTES = 4 << 30                         # per item: far above any classifier (resnet50 at 224 px: ~0.1 GB)
+
+
+def _check_memory(shell, shape, name, limit=None):
+    "Run the model (on the meta device: no memory, no computation) on one item of `shape`; refuse it if its activations would need more than `limit` bytes."
+    limit = limit or MAX_ACTIVATION_BYTES
+    if shape is None: return
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(isinstance(s, int) and 0 < s <= 1 << 16 for s in shape)):
+        raise ExportFormatError(f'{name}: damaged or edited exp export: input_shape {shape!r} is not the shape of an item')
+    total = [0]
+    def count(m, i, o):
+        for t in (o if isinstance(o, (list, tuple)) else [o]):
+            if isinstance(t, torch.Tensor): total[0] += t.numel() * t.element_size()
+    hooks = [m.register_forward_hook(count) for m in shell.modules()]
+    try:
+        with torch.no_grad(): shell.eval()(torch.empty(1, *shape, device='meta'))
+    except Exception as e: raise ExportFormatError(f'{name}: the model does not run on one item of shape {shape} ({e})') from None
+    finally:
+        for h in hooks: h.remove()
+    if total[0] > limit:
+        raise ExportFormatError(f'{name}: refused: one prediction would need {total[0] / 2 ** 30:.1f} GiB of activations '
+                                f'(more than {limit / 2 ** 30:.0f} GiB; exp.export.MAX_ACTIVATION_BYTES raises the limit)')
+
+
 def load_learner(fname, cpu=True):
     "Load a learner that `export` wrote: check the file, rebuild model and pipeline from exp's own classes, load the weights; never unpickles."
     header, tensors = read_export(fname)
@@ -574,6 +609,7 @@ def load_learner(fname, cpu=True):
         with torch.device('meta'): shell = build_model(header['model'])
     except Exception as e: raise ExportFormatError(f'{name}: the model cannot be rebuilt: {e}') from None
     _fit_weights(shell, tensors, name)
+    _check_memory(shell, header.get('input_shape'), name)
     try: model = build_model(header['model'])
     except ValueError as e: raise ExportFormatError(f'{name}: the model cannot be rebuilt: {e}') from None
     model.load_state_dict(tensors, strict=True)

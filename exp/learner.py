@@ -19,7 +19,7 @@ __all__ = ['lr_range',
            'GatherPreds']
 
 # %% nbs/03_learner.ipynb (id: 645d1ebd)
-import contextlib, copy, os, sys, time
+import contextlib, copy, math, os, sys, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +231,10 @@ def create_opt(self: Learner):
 def set_hyper(self: Learner, name, value):
     "Set hyper-parameter `name` ('lr', 'mom', 'wd'...) in every param group: one value, one per group, or a `slice`."
     groups = self.opt.param_groups
-    for g, v in zip(groups, lr_range(value, len(groups))): set_group_hyper(g, name, v)
+    vals = lr_range(value, len(groups))
+    if name == 'lr' and not all(math.isfinite(v) and v >= 0 for v in vals):
+        raise ValueError(f'learning rate {value!r}: a learning rate is a finite number, 0 or more')
+    for g, v in zip(groups, vals): set_group_hyper(g, name, v)
 
 
 @patch
@@ -420,6 +423,11 @@ class Recorder(Callback):
         self.values.append([self.train_loss.value, self.valid_loss.value] + [m.value for m in learn.metrics])
         row = [learn.epoch] + self.values[-1] + ([format_time(time.perf_counter() - self.start)] if self.add_time else [])
         learn.logger([_fmt(v) for v in row])
+        loss = self.values[-1][0]
+        if loss is not None and not math.isfinite(loss):   # more epochs cannot undo it: stop, and say so
+            warnings.warn(f'the training loss was {loss} in epoch {learn.epoch}: fit stopped (the weights are damaged; '
+                          f'lower the learning rate, check the data; TerminateOnNaN stops at the first bad batch)', stacklevel=2)
+            raise CancelFitException()
 
 # %% nbs/03_learner.ipynb (id: 8ccd7c69)
 @patch

@@ -126,6 +126,8 @@ class PILImage(PIL.Image.Image):
         "Open/convert `fn` (path, bytes, PIL image, HWC array or CHW tensor) as this class, in `mode` (default `cls._mode`)."
         if isinstance(getattr(fn, 'px', None), torch.Tensor): fn = fn.px      # fastai v1's Image (a dataset's item)
         if isinstance(fn, torch.Tensor):
+            if fn.ndim not in (2, 3): raise ImageReadError(f'a tensor of shape {tuple(fn.shape)} is not an image: '
+                                                           f'(H, W) or (C, H, W) is')
             t = fn.detach().cpu()
             if t.is_floating_point(): t = (t.clamp(0, 1) * 255).round()
             fn = (t.permute(1, 2, 0) if t.ndim == 3 else t).to(torch.uint8).numpy()
@@ -274,7 +276,14 @@ class PadMode:
 _NP_PAD = {'zeros': 'constant', 'reflection': 'reflect', 'border': 'edge'}
 
 
-def _pair(size): return (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+def _pair(size):
+    "`(height, width)` from an int or a pair; refused when not a size an image can have (PIL's pixel limit bounds the area)."
+    try: h, w = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(int(s) for s in size)
+    except (TypeError, ValueError): raise ValueError(f'size {size!r}: an int or a (height, width) pair') from None
+    if h < 1 or w < 1 or h * w > (PIL.Image.MAX_IMAGE_PIXELS or 2 ** 31):
+        raise ValueError(f'size {size!r}: each side at least 1 and at most {PIL.Image.MAX_IMAGE_PIXELS:,} pixels in all '
+                         f'(PIL.Image.MAX_IMAGE_PIXELS)')
+    return h, w
 
 
 def _same_type(res, im):
@@ -289,6 +298,7 @@ class Resize(Transform):
     input_types = (PIL.Image.Image,)
 
     def __init__(self, size, method=ResizeMethod.Crop, pad_mode=PadMode.Reflection, resamples=(2, 0)):
+        _pair(size)                                         # checked now: a bad size fails here, not at each item
         if method not in ('crop', 'squish', 'pad'): raise ValueError(f"Resize: method {method!r}: use 'crop', 'squish' or 'pad'")
         if pad_mode not in _NP_PAD: raise ValueError(f"Resize: pad_mode {pad_mode!r}: use 'zeros', 'reflection' or 'border'")
         self.size, self.method, self.pad_mode, self.resamples = _pair(size), method, pad_mode, tuple(resamples)
@@ -323,6 +333,7 @@ class RandomResizedCrop(Transform):
     input_types = (PIL.Image.Image,)
 
     def __init__(self, size, min_scale=0.08, ratio=(3 / 4, 4 / 3), resamples=(2, 0), val_xtra=0.14, max_scale=1.):
+        _pair(size)
         self.size, self.min_scale, self.ratio = _pair(size), min_scale, tuple(ratio)
         self.resamples, self.val_xtra, self.max_scale = tuple(resamples), val_xtra, max_scale
         self.box = None
@@ -434,6 +445,7 @@ class AffineCoordTfm(Transform):
     size, mode, pad_mode, align_corners = None, 'bilinear', 'reflection', True   # defaults for the parts used alone
 
     def __init__(self, tfms=None, size=None, mode='bilinear', pad_mode='reflection', align_corners=True):
+        if size is not None: _pair(size)
         self.tfms, self.size, self.mode, self.pad_mode, self.align_corners = list(listify(tfms)), size, mode, pad_mode, align_corners
 
     def matrix(self, n, h, w):
