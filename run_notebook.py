@@ -18,7 +18,7 @@ EXP_IN_TEST=1 is set, which makes notebook2script.py a no-op.
 """
 from __future__ import annotations
 
-import argparse, json, linecache, os, re, select, signal, sys, tempfile, time, traceback
+import argparse, json, linecache, os, re, select, signal, sys, tempfile, threading, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +72,9 @@ def make_shell():
         def write_output_prompt(self): pass
         def finish_displayhook(self): pass
         def write_format_data(self, format_dict, md_dict=None):
+            if WIDGET_MIME in format_dict and 'text/html' not in format_dict:
+                html = widget_html(format_dict[WIDGET_MIME].get('model_id'))
+                if html: format_dict = {**format_dict, 'text/html': html}
             self.shell.exp_add({'output_type': 'execute_result', 'data': _json_safe_data(format_dict),
                                 'metadata': md_dict or {}, 'execution_count': self.shell.execution_count})
 
@@ -79,6 +82,9 @@ def make_shell():
         "Records display() calls, including display-id updates and clear_output, as Jupyter would."
         def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
             did = (transient or {}).get('display_id')
+            if WIDGET_MIME in data and 'text/html' not in data:          # a static picture of the widget, for saved
+                html = widget_html(data[WIDGET_MIME].get('model_id'))    # notebooks and the docs (no widget JS there)
+                if html: data = {**data, 'text/html': html}
             out = {'output_type': 'display_data', 'data': _json_safe_data(data), 'metadata': metadata or {}}
             if update and did is not None:
                 for cell_outs in self.shell.exp_outputs.values():
@@ -109,6 +115,44 @@ def make_shell():
     shell.enable_matplotlib('inline')                    # Jupyter's default: figures shown after each cell
     _SHELL = shell
     return shell
+
+
+WIDGET_MIME = 'application/vnd.jupyter.widget-view+json'
+
+
+def widget_html(model_id) -> str | None:
+    "Static HTML of the live ipywidget `model_id` as it looks now (boxes, labels, buttons, uploads, images, outputs)."
+    try:
+        import html, base64
+        from ipywidgets.widgets import widget as _widget
+        w = getattr(_widget, '_instances', {}).get(model_id)    # ipywidgets 8's registry of live widgets
+    except ImportError: return None
+    if w is None: return None
+    esc = html.escape
+    def render(w):
+        kind = type(w).__name__
+        if hasattr(w, 'children'):
+            flow = 'row' if kind in ('HBox', 'Box') else 'column'
+            return (f'<div style="display:flex;flex-direction:{flow};gap:4px;align-items:flex-start">'
+                    + ''.join(render(c) for c in w.children) + '</div>')
+        if kind in ('Label', 'HTML'): return f'<span>{w.value if kind == "HTML" else esc(str(w.value))}</span>'
+        if kind == 'Button': return f'<button disabled>{esc(w.description)}</button>'
+        if kind == 'FileUpload': return f'<button disabled>Upload ({len(w.value)})</button>'
+        if kind == 'Dropdown':
+            opts = ''.join(f'<option{" selected" if o == w.label else ""}>{esc(str(o))}</option>' for o in w.options)
+            return f'<label>{esc(w.description)} <select disabled>{opts}</select></label>'
+        if kind == 'Image':
+            return f'<img src="data:image/{w.format};base64,{base64.b64encode(bytes(w.value)).decode()}">'
+        if kind == 'Output':
+            parts = []
+            for o in w.outputs:
+                d = o.get('data', {})
+                if 'image/png' in d: parts.append(f'<img src="data:image/png;base64,{d["image/png"]}">')
+                elif 'text/html' in d: parts.append(d['text/html'])
+                elif 'text/plain' in d or 'text' in o: parts.append(f'<pre>{esc(d.get("text/plain", o.get("text", "")))}</pre>')
+            return '<div>' + ''.join(parts) + '</div>'
+        return f'<span>{esc(repr(w))}</span>'
+    return render(w)
 
 
 def _json_safe_data(data: dict) -> dict:
@@ -297,7 +341,31 @@ def schedule(paths, cfg, workers=None, slow=False, timeout=None, threads=None, o
     shell = warm_up()
     for s in (sys.stdout, sys.stderr): s.flush()
     pending, running, results = list(paths), {}, {}
+    parent = os.getppid()
+    main = threading.current_thread() is threading.main_thread()
+    prev_term = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+    try:
+        _schedule_loop(pending, running, results, parent, shell, cfg, workers, slow, timeout, threads, on_result)
+    finally:                                             # every exit (Ctrl-C, SIGTERM, an error): end every notebook process
+        for pid, r in list(running.items()):
+            try: os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError: pass
+            try: os.waitpid(pid, 0)
+            except ChildProcessError: pass
+            _finish(r)
+        if main: signal.signal(signal.SIGTERM, prev_term)
+    return [results[p] for p in paths]
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)                       # so that `finally` blocks run (the default action skips them)
+
+
+def _schedule_loop(pending, running, results, parent, shell, cfg, workers, slow, timeout, threads, on_result):
+    "The scheduler's loop (see `schedule`): start notebooks, read their messages, enforce timeouts; `running` is shared for cleanup."
     while pending or running:
+        if os.getppid() != parent:                       # the process that asked (pytest) is gone: stop, do not orphan
+            raise SystemExit('run_notebook: the calling process exited')
         while pending and len(running) < workers:
             path = pending.pop(0)
             rfd, wfd = os.pipe()
@@ -357,7 +425,6 @@ def schedule(paths, cfg, workers=None, slow=False, timeout=None, threads=None, o
                 _finish(r)
                 del running[pid]
                 if on_result: on_result(results[r['path']])
-    return [results[p] for p in paths]
 
 
 _ZYGOTES = {}
@@ -523,13 +590,22 @@ def run_in_kernels(paths, cfg=None, workers=None, slow=False, timeout=None, thre
 
     async def main():
         sem = asyncio.Semaphore(workers)
+        loop, parent = asyncio.get_running_loop(), os.getppid()
+        def watch():                                     # the caller is gone: stop, and shut the kernels down
+            if os.getppid() != parent: raise SystemExit('run_notebook: the calling process exited')
+            loop.call_later(0.5, watch)
+        if os.getppid() != 1: loop.call_later(0.5, watch)
         async def one(p):
             async with sem:
                 r = await _run_in_kernel(p, cfg, slow, timeout, kenv)
             if on_result: on_result(r)
             return r
         return await asyncio.gather(*(one(p) for p in paths))
-    return list(asyncio.run(main()))
+    main_thread = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try: return list(asyncio.run(main()))               # on Ctrl-C or SIGTERM asyncio cancels the runs: kernels shut down
+    finally:
+        if main_thread: signal.signal(signal.SIGTERM, prev)
 
 
 # ------------------------------------------------------------------ --save

@@ -126,3 +126,39 @@ def test_one_bad_image_does_not_stop_the_others(trained, tmp_path):
 def test_usage_errors_exit_2():
     with contextlib.redirect_stderr(io.StringIO()) as e, pytest.raises(SystemExit) as ex: main(['predict'])
     assert ex.value.code == 2 and 'the following arguments are required' in e.getvalue()
+
+
+# ------------------------------------------------------------------ hostile images (issue 14)
+def crash_png():
+    "The 69-byte PNG that made libpng inside torchvision kill the process: an 8-bit RGB 64×64 header, pixel data cut short."
+    import struct, zlib
+    def chunk(kind, body): return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 64, 64, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(b'\0' * 100)) + chunk(b'IEND', b''))
+
+
+def test_crash_png_is_one_error_and_the_next_image_is_predicted(trained, tmp_path):
+    root, folder, _ = trained
+    bad = tmp_path / 'crash.png'; bad.write_bytes(crash_png())
+    assert len(bad.read_bytes()) == 69
+    good = folder / 'dark' / 'dark_1.png'
+    code, out, err = cli('predict', root / 'model.pkl', bad, good)
+    assert code == 1, (code, out, err)                                  # a failure, not a signal (139 = SIGSEGV)
+    assert out.startswith(f'{good}\tdark\t') and err.splitlines() == [f'exp predict: {bad}: cannot read image (' +
+                                                                        err.split(': cannot read image (', 1)[1].rstrip()]
+
+
+def test_a_loader_over_a_folder_with_a_crash_png_names_it(tmp_path):
+    "A data loader over such a folder raises ImageReadError naming the file (or skips it), in a child process: no crash."
+    folder = make_folder(tmp_path / 'f', n=4)
+    (folder / 'dark' / 'crash.png').write_bytes(crash_png())
+    code = ('from exp.all import *\n'
+            f'dls = ImageDataLoaders.from_folder({str(folder)!r}, valid_pct=0.01, seed=0, bs=16, num_workers=0)\n'
+            'try:\n    [b for b in dls.train] + [b for b in dls.valid]\n'
+            'except ImageReadError as e: print("named:", "crash.png" in str(e))\n'
+            f'dls = ImageDataLoaders.from_folder({str(folder)!r}, valid_pct=0.01, seed=0, bs=16, num_workers=0, skip_errors=True)\n'
+            'import warnings; warnings.simplefilter("ignore")\n'
+            'print("skipped:", sum(len(b[0]) for b in dls.train) + sum(len(b[0]) for b in dls.valid))\n')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert 'named: True' in r.stdout and 'skipped: 8' in r.stdout, r.stdout

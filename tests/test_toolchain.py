@@ -4,7 +4,7 @@ The fixture notebooks are real .ipynb files written with nbformat; the scripts r
 subprocesses where their command-line behaviour is under test, in-process otherwise: same code, and
 the warm pytest process keeps the suite fast).
 """
-import json, os, subprocess, sys, time
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import nbformat
@@ -350,3 +350,62 @@ def test_default_threads_leave_busy_cores_alone():
     assert rn.default_threads(2, 1, load=0.1) == 2 and rn.default_threads(2, 2, load=0.1) == 1
     assert rn.default_threads(2, 1, load=1.8) == 1 and rn.default_threads(2, 1, load=7.0) == 1   # never 0
     assert rn.default_threads(16, 2, load=0.0) == 8 and rn.default_threads(16, 2, load=8.2) == 4
+
+
+# ------------------------------------------------------------------ no orphans
+def _sleeping_notebook(proj):
+    pidfile = proj / 'pid.txt'
+    make_nb(proj / 'nbs/01_sleep.ipynb', f'import os, time\nopen({str(pidfile)!r}, "w").write(str(os.getpid()))\ntime.sleep(300)')
+    return pidfile
+
+
+def _wait_for_pid(pidfile):
+    for _ in range(600):
+        if pidfile.exists() and pidfile.read_text(): return int(pidfile.read_text())
+        time.sleep(0.1)
+    raise AssertionError('the notebook never started')
+
+
+def _gone(pid, wait=10.):
+    for _ in range(int(wait * 10)):
+        try: os.kill(pid, 0)
+        except ProcessLookupError: return True
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+@pytest.mark.parametrize('engine,sig', [('fork', signal.SIGTERM), ('fork', signal.SIGINT), ('jupyter', signal.SIGTERM),
+                                        ('jupyter', signal.SIGINT)])
+def test_ctrl_c_or_sigterm_ends_every_notebook_process(proj, engine, sig):
+    "Stopping the runner (Ctrl-C, or SIGTERM from a job scheduler) stops the notebook processes it started."
+    pidfile = _sleeping_notebook(proj)
+    p = subprocess.Popen([PY, str(ROOT / 'run_notebook.py'), '--root', str(proj), '--engine', engine, 'nbs/01_sleep.ipynb'],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = _wait_for_pid(pidfile)
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    assert _gone(child), f'{engine}: the notebook process outlived the runner'
+
+
+def test_notebooks_stop_when_their_caller_is_killed(proj):
+    "pytest (or any caller) killed outright: the zygote notices and ends its notebook processes."
+    pidfile = _sleeping_notebook(proj)
+    code = (f'import sys; sys.path.insert(0, {str(ROOT)!r}); import run_notebook, notebook2script as n2s; '
+            f'cfg = n2s.read_settings(n2s.Path({str(proj)!r})); run_notebook.run_notebooks([cfg["nbs"] / "01_sleep.ipynb"], cfg)')
+    p = subprocess.Popen([PY, '-c', code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = _wait_for_pid(pidfile)
+    p.kill(); p.wait()
+    assert _gone(child), 'the notebook process outlived its caller'
+
+
+def test_saved_widgets_render_without_a_frontend(proj):
+    "A displayed widget is saved with a static HTML picture of it, so a saved notebook and the docs show it, not 'VBox(...)'."
+    nb_path = make_nb(proj / 'nbs/01_w.ipynb', 'from ipywidgets import VBox, Label, Button\nVBox([Label("Select your bear!"), Button(description="Classify")])')
+    cfg = n2s.read_settings(proj)
+    (r,) = rn.run_notebooks([nb_path], cfg)
+    assert r.passed, r.report
+    rn.save_outputs(nb_path, r, cfg)
+    out = nbformat.read(nb_path, as_version=4).cells[0].outputs[0]
+    assert 'Select your bear!' in out.data['text/html'] and '<button disabled>Classify</button>' in out.data['text/html']
+    assert rn.WIDGET_MIME not in out.data
