@@ -35,7 +35,7 @@ __all__ = ['ImageReadError',
            'ImageDataLoaders']
 
 # %% nbs/04a_vision.ipynb (id: 7afa4b18)
-import io, math, os, random, re, warnings, zlib
+import io, math, os, random, re, uuid, warnings, zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -203,21 +203,19 @@ def download_images(dest, urls=None, max_pics=1000, n_workers=8, timeout=4, pres
     if url_file is not None or isinstance(urls, (str, Path)) and Path(urls).is_file():
         urls = Path(url_file if url_file is not None else urls).read_text().splitlines()
     urls = [u.strip() for u in listify(urls) if u and u.strip()][:max_pics]
-    start = 1 + max((int(f.stem) for f in dest.iterdir() if len(f.stem) == 8 and f.stem.isdigit()), default=-1)
 
-    def one(i_url):
-        i, url = i_url
+    def one(url):
         p = urlparse(url).path
         suffix = os.path.splitext(p)[1].lower()
         keep_name = preserve_filename and Path(p).name
-        fn = dest / (Path(p).name if keep_name else f'{start + i:08d}{suffix if suffix in image_extensions else ".jpg"}')
+        fn = dest / (Path(p).name if keep_name else f'{uuid.uuid4()}{suffix if suffix in image_extensions else ".jpg"}')
         try: download_url(url, fn, timeout=timeout, show_progress=False, overwrite=bool(keep_name))
         except Exception as e:
             fn.with_name(fn.name + '.part').unlink(missing_ok=True)
             return None, f'{url}: {e}'
         return fn, None
 
-    res = parallel(one, list(enumerate(urls)), n_workers=n_workers)
+    res = parallel(one, urls, n_workers=n_workers)
     failed = [err for _, err in res if err is not None]
     if failed:
         warnings.warn(f'download_images: {len(failed)} of {len(urls)} downloads failed, e.g. {failed[0]}', stacklevel=2)

@@ -134,18 +134,21 @@ def test_download_images(server, tmp_path):
     dest = tmp_path / 'dl'
     with pytest.warns(UserWarning, match='1 of 5 downloads failed'):
         got = download_images(dest, urls, n_workers=4)
-    assert [f.name for f in got] == ['00000000.png', '00000001.jpg', '00000003.jpg', '00000004.jpg']   # kept as downloaded
-    assert sorted(f.name for f in dest.iterdir()) == [f.name for f in got]                              # no .part files
+    www = tmp_path / 'www'
+    assert [f.read_bytes() for f in got] == [(www / n).read_bytes() for n in ['good.png', 'cut.jpg', 'page.jpg', 'good2.jpg']]
+    assert [f.suffix for f in got] == ['.png', '.jpg', '.jpg', '.jpg']                   # kept as downloaded, in URL order
+    assert sorted(dest.iterdir()) == sorted(got)                                         # no .part files
     failed = verify_images(got)                                                           # fastbook's next step finds them
-    assert [f.name for f in failed] == ['00000001.jpg', '00000003.jpg']
+    assert failed == [got[1], got[2]]
     failed.map(Path.unlink)
     url_file = tmp_path / 'urls.txt'; url_file.write_text('\n'.join(urls[:1] * 3) + '\n')
-    got = download_images(tmp_path / 'dl2', url_file, max_pics=2)
-    assert [f.name for f in got] == ['00000000.png', '00000001.png']
-    again = download_images(dest, [f'{server}/good2.jpg', f'{server}/good.png'])      # the same folder: numbered on
-    assert [f.name for f in again] == ['00000005.jpg', '00000006.png']
-    assert again[0].read_bytes() == (tmp_path / 'www' / 'good2.jpg').read_bytes()
-    assert len(list(dest.iterdir())) == 4                                                  # 2 kept, 2 new
+    got2 = download_images(tmp_path / 'dl2', url_file, max_pics=2)
+    assert len(got2) == 2 and len(set(got2)) == 2 and all(f.suffix == '.png' for f in got2)   # one URL twice: two files
+    again = download_images(dest, [f'{server}/good2.jpg', f'{server}/good.png'])      # the same folder: nothing overwritten
+    assert again[0].read_bytes() == (www / 'good2.jpg').read_bytes() and again[1].read_bytes() == (www / 'good.png').read_bytes()
+    assert sorted(dest.iterdir()) == sorted([got[0], got[3], *again])                     # 2 kept, 2 new
+    other = download_images(tmp_path / 'other_class', [f'{server}/good.png'])             # fastbook moves files between
+    assert not (dest / other[0].name).exists()                                            # class folders: names never clash
 
 
 # ------------------------------------------------------------------ the DataBlock API
