@@ -528,9 +528,13 @@ def kernel_env(extra=None, threads=1) -> dict:
     return env
 
 
-async def _run_in_kernel(nb_path: Path, cfg: dict, slow: bool, timeout: float, env: dict) -> Result:
-    "Execute one notebook in a fresh ipykernel (nbclient), cwd its folder, as Jupyter would; stop at the first error."
+async def _run_in_kernel(nb_path: Path, cfg: dict, slow: bool, timeout: float, env: dict, sockets: str) -> Result:
+    """Execute one notebook in a fresh ipykernel (nbclient), cwd its folder, as Jupyter would; stop at the first error.
+
+    The kernel talks to us over Unix sockets named `sockets`-N, one prefix per kernel (ipykernel warns on every start over unencrypted TCP,
+    and a socket file is private to this user)."""
     from nbclient import NotebookClient
+    from traitlets.config import Config
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     name = rel(nb_path, cfg['root'])
     res, t0 = Result(name), time.perf_counter()
@@ -541,7 +545,9 @@ async def _run_in_kernel(nb_path: Path, cfg: dict, slow: bool, timeout: float, e
     if is_slow_notebook(nb) and not slow:
         res.status, res.report = 'skipped', 'slow notebook (run with --slow)'
         return res
-    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', allow_errors=False,
+    config = Config()
+    config.KernelManager.transport, config.KernelManager.ip = 'ipc', sockets
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', allow_errors=False, config=config,
                             resources={'metadata': {'path': str(nb_path.parent)}})
     cell_no = None
     try:
@@ -587,6 +593,7 @@ def run_in_kernels(paths, cfg=None, workers=None, slow=False, timeout=None, thre
     timeout = timeout or float(cfg.get('cell_timeout', 900))
     threads = threads or int(os.environ.get('EXP_THREADS', 0)) or default_threads(ncores, workers)
     kenv = kernel_env(env, threads)
+    sockdir = tempfile.TemporaryDirectory(prefix='exp-kernels-')
 
     async def main():
         sem = asyncio.Semaphore(workers)
@@ -595,17 +602,18 @@ def run_in_kernels(paths, cfg=None, workers=None, slow=False, timeout=None, thre
             if os.getppid() != parent: raise SystemExit('run_notebook: the calling process exited')
             loop.call_later(0.5, watch)
         if os.getppid() != 1: loop.call_later(0.5, watch)
-        async def one(p):
-            async with sem:
-                r = await _run_in_kernel(p, cfg, slow, timeout, kenv)
+        async def one(i, p):                             # each kernel its own socket names: two starting at once
+            async with sem:                              # would otherwise pick the same free numbers
+                r = await _run_in_kernel(p, cfg, slow, timeout, kenv, os.path.join(sockdir.name, f'k{i}'))
             if on_result: on_result(r)
             return r
-        return await asyncio.gather(*(one(p) for p in paths))
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(paths)))
     main_thread = threading.current_thread() is threading.main_thread()
     prev = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try: return list(asyncio.run(main()))               # on Ctrl-C or SIGTERM asyncio cancels the runs: kernels shut down
     finally:
         if main_thread: signal.signal(signal.SIGTERM, prev)
+        sockdir.cleanup()
 
 
 # ------------------------------------------------------------------ --save
