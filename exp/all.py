@@ -38,7 +38,8 @@ from exp.imagelist import *
 from exp.interpret import *
 from exp.learner import *
 from exp.metrics import *
-from exp.minibatch import DataLoaders, Optimizer, SGD, TensorLoader, accuracy, cross_entropy, fashion_mnist_dls
+from exp.minibatch import (DataLoaders, Optimizer, SGD, TensorLoader, accuracy, average_grad, cross_entropy, fashion_mnist_dls,
+                           l2_reg, momentum_step, sgd_step, weight_decay)
 from exp.normalization import *
 from exp.optimizers import *
 from exp.regularization import *
@@ -58,4 +59,4 @@ OUTSIDE = ['json', 'math', 'os', 'pickle', 'random', 're', 'shutil', 'tempfile',
            'partial', 'Path', 'SimpleNamespace', 'widgets', 'plt', 'np', 'array', 'torch', 'F', 'nn', 'HTML', 'display', 'Button',
            'FileUpload', 'HBox', 'Label', 'Output', 'VBox', 'Image']
 __all__ = list(dict.fromkeys([*OUTSIDE, 'DataLoaders', 'Optimizer', 'SGD', 'TensorLoader', 'accuracy', 'cross_entropy',
-                              'fashion_mnist_dls', *(n for m in _MODULES for n in m.__all__)]))
+                              'fashion_mnist_dls', 'average_grad', 'l2_reg', 'momentum_step', 'sgd_step', 'weight_decay', *(n for m in _MODULES for n in m.__all__)]))

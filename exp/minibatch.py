@@ -8,6 +8,7 @@ __all__ = ['logsumexp',
            'Optimizer',
            'sgd_step',
            'weight_decay',
+           'l2_reg',
            'average_grad',
            'momentum_step',
            'sgd_mom_step',
@@ -135,9 +136,14 @@ def sgd_step(p, lr, **kwargs):
     p.add_(p.grad, alpha=-lr)
 
 
-def weight_decay(p, lr, wd=0., **kwargs):
-    "Decoupled weight decay stepper: `p *= 1 - lr * wd` (put it before the gradient step)."
-    if wd != 0: p.mul_(1 - lr * wd)
+def weight_decay(p, lr, wd=0., do_wd=True, **kwargs):
+    "Decoupled weight decay stepper: `p *= 1 - lr * wd` (put it before the gradient step); not where `do_wd` is False."
+    if do_wd and wd != 0: p.mul_(1 - lr * wd)
+
+
+def l2_reg(p, lr, wd=0., do_wd=True, **kwargs):
+    "L2 regularisation stepper: adds `wd * p` to the gradient (put it first, before steppers that read the gradient)."
+    if do_wd and wd != 0: p.grad.add_(p, alpha=wd)
 
 
 def average_grad(p, mom, grad_avg=None, dampening=False, **kwargs):
@@ -160,9 +166,10 @@ def sgd_mom_step(p, lr, mom=0., grad_avg=None, **kwargs):
     return state
 
 
-def SGD(params, lr, mom=0., wd=0.):
-    "SGD as an `Optimizer` (fastai's): decoupled weight decay, then a plain step (`mom=0`) or a momentum step (torch's SGD, `momentum=mom`)."
-    steppers = [weight_decay, sgd_step] if mom == 0 else [weight_decay, average_grad, momentum_step]
+def SGD(params, lr, mom=0., wd=0., decouple_wd=True):
+    "SGD as an `Optimizer` (fastai's): weight decay (decoupled, or L2 if `decouple_wd=False`), then a plain step (`mom=0`) or a momentum step."
+    steppers = [weight_decay] if decouple_wd else [l2_reg]
+    steppers += [sgd_step] if mom == 0 else [average_grad, momentum_step]
     return Optimizer(params, steppers, lr=lr, mom=mom, wd=wd)
 
 # %% nbs/02b_minibatch.ipynb (id: d6b9e6d1)
