@@ -7,17 +7,22 @@ __all__ = ['TerminateOnNaN',
            'ShowGraph',
            'GradientClip',
            'MixedPrecision',
-           'ChannelsLast']
+           'ChannelsLast',
+           'cpu_flags',
+           'native_bf16',
+           'auto_precision',
+           'precision_setting',
+           'DefaultPrecision']
 
 # %% nbs/03b_callbacks.ipynb (id: e27e6883)
-import math
+import contextlib, functools, math, os
 
 import numpy as np
 import torch
 from torch import nn
 
-from exp.core import patch
-from exp.torch_core import distrib_barrier, rank_distrib, save_atomic, unwrap_model
+from exp.core import defaults, patch
+from exp.torch_core import default_device, distrib_barrier, rank_distrib, save_atomic, unwrap_model
 from exp.callback_core import Callback, CancelFitException
 from exp.learner import Learner
 
@@ -167,22 +172,32 @@ class GradientClip(Callback):
         nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
 # %% nbs/03b_callbacks.ipynb (id: 43f785da)
+_NAMES = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
+
+
 class MixedPrecision(Callback):
     "Autocast forward and loss to fp16 (with a GradScaler; CUDA's default) or bf16 (the CPU's); counts skipped steps."
     order = 10
-    def __init__(self, dtype=None): self.dtype, self.scaler, self.skipped = dtype, None, 0
+    def __init__(self, dtype=None): self.dtype, self.scaler, self.skipped, self.ran = dtype, None, 0, None
+
+    def dtype_for(self, learn):
+        "The dtype this callback autocasts `learn`'s model to (None: no autocast, fp32)."
+        return self.dtype or (torch.float16 if learn.device.type in ('cuda', 'mps') else torch.bfloat16)
 
     def before_fit(self, learn):
-        self.device_type = learn.device.type
-        self.dt = self.dtype or (torch.float16 if self.device_type in ('cuda', 'mps') else torch.bfloat16)
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.dt == torch.float16)
-        learn.scaler, self.skipped = self.scaler, 0
+        dt = self.dtype_for(learn)
+        self.scaler = torch.amp.GradScaler(learn.device.type, enabled=dt == torch.float16)
+        learn.scaler, self.skipped, self.ran = self.scaler, 0, _NAMES.get(dt, str(dt))
+
+    def _autocast(self, learn):                      # decided per call: get_preds runs without a fit
+        dt = self.dtype_for(learn)
+        return contextlib.nullcontext() if dt is None else torch.autocast(learn.device.type, dtype=dt)
 
     def get_pred(self, learn):
-        with torch.autocast(self.device_type, dtype=self.dt): learn.get_pred()
+        with self._autocast(learn): learn.get_pred()
 
     def get_loss(self, learn):
-        with torch.autocast(self.device_type, dtype=self.dt): learn.get_loss()
+        with self._autocast(learn): learn.get_loss()
 
     def backward(self, learn): self.scaler.scale(learn.loss).backward()
 
@@ -203,6 +218,8 @@ class MixedPrecision(Callback):
         "Go on from a checkpoint's scale and count."
         if self.scaler is not None and state['scaler']: self.scaler.load_state_dict(state['scaler'])
         self.skipped = state['skipped']
+
+    def __repr__(self): return f'{type(self).__name__}({_NAMES.get(self.dtype, self.dtype) if self.dtype else "default"})'
 
 # %% nbs/03b_callbacks.ipynb (id: ccf31ad0)
 class ChannelsLast(Callback):
@@ -243,3 +260,83 @@ def to_channelslast(self: Learner):
     "Train in `channels_last` memory format (adds `ChannelsLast` once); returns the learner."
     if not any(isinstance(cb, ChannelsLast) for cb in self.cbs): self.add_cb(ChannelsLast())
     return self
+
+# %% nbs/03b_callbacks.ipynb (id: a03c273b)
+@functools.cache
+def cpu_flags():
+    "The CPU's feature flags (`avx512_bf16`, `amx_bf16`...): torch's cpuinfo report, else /proc/cpuinfo's (Linux), else none."
+    try: flags = {k for k, v in torch._C._cpu._get_cpu_capability().items() if v is True}   # any OS; private, so guarded
+    except (AttributeError, RuntimeError, TypeError): flags = set()
+    if not flags and os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            line = next((l for l in f if l.startswith('flags')), '')
+        flags = set(line.partition(':')[2].split())
+    return frozenset(flags)
+
+
+_BF16_ISAS = ('ALL', 'BF16', 'AMX', 'FP16', 'AVX10')         # oneDNN ISA limits that still include bf16 dot products
+
+
+def native_bf16(device=None, flags=None, capability=None, env=None):
+    "Whether `device` computes in bf16 natively: CUDA with bf16 units, or a CPU with AMX or AVX512-BF16 that torch uses."
+    device = torch.device(device if device is not None else default_device())
+    if device.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != 'cpu': return False
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    if capability in ('DEFAULT', 'NO AVX'): return False           # ATEN_CPU_CAPABILITY=default: plain C++ kernels
+    env = os.environ if env is None else env
+    isa = env.get('ONEDNN_MAX_CPU_ISA', env.get('DNNL_MAX_CPU_ISA', 'ALL')).upper()
+    if not any(k in isa for k in _BF16_ISAS): return False         # oneDNN held below its bf16 instructions
+    return bool({'amx_bf16', 'avx512_bf16'} & (cpu_flags() if flags is None else set(flags)))
+
+# %% nbs/03b_callbacks.ipynb (id: 12405117)
+_PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+if not hasattr(defaults, 'precision'):     # what a Learner without a precision callback runs in
+    defaults.precision = os.environ.get('EXP_PRECISION', 'fp32')       # 'auto' | 'fp32' | 'bf16' | 'fp16'
+
+
+def auto_precision(model, device):
+    "What `defaults.precision = 'auto'` picks: 'bf16' for a model with convolutions on a CPU with native bf16, else 'fp32'."
+    device = torch.device(device)
+    if device.type != 'cpu' or not native_bf16(device): return 'fp32'      # CUDA: not measured here yet, so fp32
+    return 'bf16' if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else 'fp32'
+
+
+def precision_setting(value=None):
+    "`value` (default `defaults.precision`) checked: 'auto', 'fp32', 'bf16' or 'fp16'."
+    value = defaults.precision if value is None else value
+    if value not in ('auto', *_PRECISIONS):
+        raise ValueError(f"defaults.precision (or EXP_PRECISION) = {value!r}: use 'auto', 'fp32', 'bf16' or 'fp16'")
+    return value
+
+# %% nbs/03b_callbacks.ipynb (id: 88aedcd2)
+class DefaultPrecision(MixedPrecision):
+    "Default callback: autocast to what `defaults.precision` names, read at each use ('auto': see `auto_precision`)."
+    order = -100                                    # first: any other callback that replaces a step replaces ours
+    def __init__(self): super().__init__(dtype=None); self._auto = None
+
+    def choice(self, learn):
+        "'fp32', 'bf16' or 'fp16': `defaults.precision`, 'auto' decided for `learn`'s model and device."
+        p = precision_setting()
+        if p != 'auto': return p
+        key = (id(learn.model), learn.device)           # decided once per model and device
+        if self._auto is None or self._auto[0] != key: self._auto = (key, auto_precision(learn.model, learn.device))
+        return self._auto[1]
+
+    def dtype_for(self, learn):
+        "The dtype `choice` names (None: fp32)."
+        return _PRECISIONS[self.choice(learn)]
+
+    state_dict = load_state_dict = None             # nothing for a checkpoint: the setting lives in `defaults`
+
+    def __repr__(self): return f'{type(self).__name__}({defaults.precision!r})'
+
+
+if DefaultPrecision not in defaults.callbacks: defaults.callbacks.append(DefaultPrecision)
+
+
+@patch(as_prop=True)
+def precision(self: Learner):
+    "'fp32', 'bf16' or 'fp16': what this learner's forward passes run in (its precision callback decides; none: 'fp32')."
+    cbs = [cb for cb in self.cbs if isinstance(cb, MixedPrecision)]
+    return _NAMES.get(dt := cbs[-1].dtype_for(self), str(dt)) if cbs else 'fp32'
