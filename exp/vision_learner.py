@@ -98,12 +98,16 @@ __all__ = ['timm',
            'load_body_weights',
            'default_split',
            'resnet_split',
+           'sequential_layers',
            'stride_split',
            'vit_split',
            'model_meta',
+           'arch_from_name',
+           'create_arch_model',
            'create_vision_model',
            'TimmBody',
            'create_timm_model',
+           'add_norm',
            'vision_learner',
            'cnn_learner',
            'ModelSummary',
@@ -126,6 +130,7 @@ import exp.callbacks                                   # Learner.to_fp16, to_bf1
 import exp.schedules                                  # Learner.fit_one_cycle (03a), which fine_tune uses
 from exp.core import exportable, listify, patch
 from exp.hooks import hook_outputs
+from exp.xresnet import xresnet18, xresnet34, xresnet50, xresnet_mini, xresnet_small
 from exp.torch_core import Flatten
 from exp.callback_core import Callback
 from exp.learner import Learner, torch_adamw
@@ -363,9 +368,9 @@ def resnet_split(model):
     return [_params(model[0][:6]), _params(model[0][6:]), _params(model[1:])]
 
 
-def _flat_layers(m):
-    "The children of `m` in order, nested plain `nn.Sequential` containers opened."
-    return [l for c in m.children() for l in (_flat_layers(c) if type(c) is nn.Sequential else [c])]
+def sequential_layers(m):
+    "The children of `m` in order, nested plain `nn.Sequential` containers opened (a body's layers, as `stride_split` and `DynamicUnet` see them)."
+    return [l for c in m.children() for l in (sequential_layers(c) if type(c) is nn.Sequential else [c])]
 
 
 def _probe(body, size, n_in=None):
@@ -380,7 +385,7 @@ def _probe(body, size, n_in=None):
 
 def stride_split(model, size=64, stride=16):
     "Three groups for `nn.Sequential(body, head)`: the body's layers before the first whose output is at 1/`stride` of the input, the rest, the head."
-    layers = _flat_layers(model[0])
+    layers = sequential_layers(model[0])
     with hook_outputs(layers) as hs:
         _probe(model[0], size)
         sides = [o.shape[-2] if isinstance(o, torch.Tensor) and o.ndim == 4 else None for o in hs.stored]
@@ -452,19 +457,30 @@ model_meta = {
     **_meta('vit_b_16 vit_b_32 vit_l_16 vit_l_32 vit_h_14', _vit_body, vit_split, size=224, pool=False),
 }
 
+# %% nbs/06a_vision_learner.ipynb (id: 981d9e18)
+_XRESNETS = {f.__name__: f for f in (xresnet18, xresnet34, xresnet50, xresnet_mini, xresnet_small)}
+
+
+def arch_from_name(name):
+    "The architecture function called `name`: one of exp's XResNets or a torchvision classification model (what an export records)."
+    if name in _XRESNETS: return _XRESNETS[name]
+    if isinstance(name, str) and name in tvm.list_models(module=tvm): return tvm.get_model_builder(name)
+    raise ValueError(f'{name!r} is neither an exp xresnet ({", ".join(_XRESNETS)}) nor a torchvision classification model')
+
 # %% nbs/06a_vision_learner.ipynb (id: a91a633e)
 _HEAD_DEFAULTS = dict(lin_ftrs=None, ps=0.5, pool=True, first_bn=True, bn_final=False, lin_first=False, y_range=None)
 
 
-def _arch_model(arch, pretrained, weights, arch_kwargs):
-    "The architecture's full model: torchvision's with its pretrained weights if asked, else built with `arch_kwargs`."
+def create_arch_model(arch, pretrained=True, weights=None, n_in=3, arch_kwargs=None):
+    "The full model of `arch`: torchvision's with pretrained `weights` if `pretrained`, else built with `model_meta`'s and your `arch_kwargs`."
+    kw = {**model_meta.get(arch, {}).get('arch_kwargs', {}), **(arch_kwargs or {})}
     if not is_torchvision_arch(arch):
         if pretrained is True:
             raise ValueError(f"{getattr(arch, '__name__', arch)} has no published pretrained weights: pass pretrained=False, "
                              f"or pretrained='path/to/weights.pth' (a model you trained)")
-        return arch(**arch_kwargs)
+        return arch(**{'c_in': n_in, **kw})
     if pretrained is True: return load_torchvision_pretrained(arch, arch_weights(arch, weights) if isinstance(weights, str) else weights)
-    return arch(weights=None, **arch_kwargs)
+    return arch(weights=None, **kw)
 
 
 def create_vision_model(arch, n_out, pretrained=True, weights=None, cut=None, n_in=3, init=nn.init.kaiming_normal_,
@@ -472,8 +488,7 @@ def create_vision_model(arch, n_out, pretrained=True, weights=None, cut=None, n_
                         lin_first=False, y_range=None, arch_kwargs=None):
     "`nn.Sequential(body, head)`: `arch`'s body (`pretrained`: True, False or a file; `weights`: which torchvision weights) and a new head."
     meta = model_meta.get(arch, {})
-    kw = {**meta.get('arch_kwargs', {}), **(arch_kwargs or {})}
-    model = _arch_model(arch, pretrained, weights, kw if is_torchvision_arch(arch) else {'c_in': n_in, **kw})
+    model = create_arch_model(arch, pretrained, weights, n_in, arch_kwargs)
     body = create_body(model, n_in, pretrained, meta.get('cut') if cut is None else cut)
     if isinstance(pretrained, (str, Path)): load_body_weights(body, model, pretrained)
     head_args = dict(lin_ftrs=lin_ftrs, ps=ps, pool=pool and meta.get('pool', True), first_bn=first_bn, bn_final=bn_final,
@@ -523,8 +538,8 @@ def _first_batch(dls):
     return next(iter(dls.train))
 
 
-def _add_norm(dls, stats, n_in):
-    "Add `Normalize` with `stats` to `dls`' batch transforms unless they normalise already (1 channel: the channels' mean)."
+def add_norm(dls, stats, n_in=3):
+    "Add `Normalize` with `stats` to `dls`' batch transforms unless they normalise already (`n_in` channels: not 3, the channels' mean)."
     if getattr(dls, 'norm_stats', 'none') is not None: return                 # has a Normalize, or cannot tell
     mean, std = stats
     if n_in != len(mean): mean, std = [sum(mean) / len(mean)] * n_in, [sum(std) / len(std)] * n_in
@@ -550,7 +565,7 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
         meta = model_meta.get(arch, {})
         model = create_vision_model(arch, n_out, pretrained, weights, cut, n_in, arch_kwargs=arch_kwargs, **head_args)
     if normalize and pretrained is True and meta.get('stats') is not None:      # after the model: no change if it fails
-        if hasattr(dls, 'add_tfms'): _add_norm(dls, meta['stats'], n_in)
+        if hasattr(dls, 'add_tfms'): add_norm(dls, meta['stats'], n_in)
         else:
             warnings.warn('vision_learner: these loaders take no batch transforms; normalise the images with the pretrained '
                           f'statistics yourself: {meta["stats"]}', stacklevel=2)
