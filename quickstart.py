@@ -3,7 +3,8 @@
 Each step is a line of the library, as a user would type it:
 1. data: `untar_data(URLs.FASHION_MNIST_PNG)` (offline first: Debian's package, the cache, or a verified
    download, written once as training/<class>/*.png, testing/<class>/*.png) and a `DataBlock` over it;
-2. a model (the conv net of fastai's MNIST tutorial) and `Learner(...).fit_one_cycle(...)`, printing the epoch table;
+2. a model (the conv net of fastai's MNIST tutorial) and `Learner(...).fit_one_cycle(...)`, printing the epoch table
+   and the training speed (images/s);
 3. `ClassificationInterpretation`: the most confused classes, a confusion matrix and the top losses as pictures;
 4. `learn.export()` (a safe export: JSON description + safetensors weights, no pickle) and `load_learner`, checked
    to predict exactly what the trained learner predicts on the 10,000 test images;
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exp.core import defaults, num_cpus
+from exp.core import num_cpus
 from exp.data import URLs, untar_data
 from exp.datablock import CategoryBlock, DataBlock, GrandparentSplitter, get_image_files, parent_label
 from exp.export import load_learner
@@ -35,13 +36,21 @@ def step(msg, t0=[time.perf_counter()]):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--epochs', type=int, default=3)
-    ap.add_argument('--lr', type=float, default=1e-2, help='peak learning rate of the one-cycle schedule')
-    ap.add_argument('--bs', type=int, default=128)
+    ap.add_argument('--lr', type=float, default=2e-2, help='peak learning rate of the one-cycle schedule')
+    ap.add_argument('--bs', type=int, default=256)
+    ap.add_argument('--workers', type=int, default=None,
+                    help='data-loader worker processes (default: one per CPU, at most 8; see below)')
     ap.add_argument('--out', type=Path, default=Path(os.environ.get('EXP_QUICKSTART_OUT', '~/.exp/quickstart')).expanduser(),
                     help='where the pictures and the export go (default: ~/.exp/quickstart)')
-    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: the cores the data worker leaves)')
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: the CPUs the workers leave, at least 1)')
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads or max(1, num_cpus() - defaults.num_workers))
+    # This net is small: decoding a 28x28 PNG costs about twice what training on it does. So decoding gets a worker per
+    # CPU and training the CPUs left, at least one: on 2 CPUs, 2 workers and 1 thread trained 11,900 images/s, against
+    # 8,400 for no workers and 2 threads (bench/RESULTS.md). A worker competing with 2 torch threads for 2 cores made
+    # both wait: 5,800. (defaults.num_workers is 0 on small machines for that reason: a library cannot know what
+    # the threads will do; a script can.)
+    workers = min(8, num_cpus()) if args.workers is None else args.workers
+    torch.set_num_threads(args.threads or max(1, num_cpus() - workers))
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -52,15 +61,21 @@ def main(argv=None):
     fashion = DataBlock(blocks=(ImageBlock(PILImageBW), CategoryBlock), get_items=get_image_files,
                         splitter=GrandparentSplitter(train_name='training', valid_name='testing'),
                         get_y=parent_label, batch_tfms=[Normalize()])
-    dls = fashion.dataloaders(path, bs=args.bs)
+    dls = fashion.dataloaders(path, bs=args.bs, num_workers=workers)
     print(dls)
 
     step(f'2. Train: the MNIST tutorial conv net, fit_one_cycle({args.epochs}, {args.lr})')
     torch.manual_seed(42)
     learn = Learner(dls, mnist_convnet(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, path=args.out)
+    t0 = time.perf_counter()
     learn.fit_one_cycle(args.epochs, args.lr)
+    fit_s = time.perf_counter() - t0
     acc = learn.recorder.values[-1][-1]
+    n_img = args.epochs * len(dls.train) * args.bs
     print(f'Fashion-MNIST test accuracy: {acc:.4f}')
+    print(f'speed: {n_img / fit_s:,.0f} training images/s ({n_img:,} images in {fit_s:.1f} s, validation passes included; '
+          f'{workers} loader workers, {torch.get_num_threads()} torch threads, {learn.precision}, load average '
+          f'{os.getloadavg()[0]:.2f})')
 
     step('3. Interpret: where does the model go wrong?')
     interp = ClassificationInterpretation.from_learner(learn)

@@ -34,7 +34,7 @@ def num_cpus():
 
 defaults = SimpleNamespace(
     cpus=min(16, num_cpus()),                 # threads for I/O-bound helpers (downloads, verify_images)
-    num_workers=max(0, min(8, num_cpus() - 1)),  # data-loader worker processes (0: load in the main process)
+    num_workers=0 if num_cpus() < 4 else min(8, num_cpus() - 1),  # loader worker processes (0: in the main process)
     device=None,                              # None: exp.learner.default_device() (CUDA, else MPS, else CPU)
     cmap='viridis',                           # matplotlib colour map for one-channel images (fastai v1's default)
 )
