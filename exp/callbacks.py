@@ -24,7 +24,7 @@ from torch import nn
 from exp.core import defaults, patch
 from exp.torch_core import default_device, distrib_barrier, rank_distrib, save_atomic, unwrap_model
 from exp.callback_core import Callback, CancelFitException
-from exp.learner import Learner
+from exp.learner import Learner, noop
 
 # %% nbs/03b_callbacks.ipynb (id: 58d3b05a)
 @patch
@@ -295,11 +295,16 @@ if not hasattr(defaults, 'precision'):     # what a Learner without a precision 
     defaults.precision = os.environ.get('EXP_PRECISION', 'fp32')       # 'auto' | 'fp32' | 'bf16' | 'fp16'
 
 
+def _auto_reason(model, device):
+    if device.type != 'cpu': return f'not measured on {device.type} yet'
+    if not native_bf16(device): return 'no native bf16 on this CPU'
+    if not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()): return 'no convolutions in the model'
+    return 'native bf16 on this CPU, convolutions in the model'
+
+
 def auto_precision(model, device):
     "What `defaults.precision = 'auto'` picks: 'bf16' for a model with convolutions on a CPU with native bf16, else 'fp32'."
-    device = torch.device(device)
-    if device.type != 'cpu' or not native_bf16(device): return 'fp32'      # CUDA: not measured here yet, so fp32
-    return 'bf16' if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else 'fp32'
+    return 'bf16' if _auto_reason(model, torch.device(device)).startswith('native') else 'fp32'
 
 
 def precision_setting(value=None):
@@ -313,7 +318,15 @@ def precision_setting(value=None):
 class DefaultPrecision(MixedPrecision):
     "Default callback: autocast to what `defaults.precision` names, read at each use ('auto': see `auto_precision`)."
     order = -100                                    # first: any other callback that replaces a step replaces ours
-    def __init__(self): super().__init__(dtype=None); self._auto = None
+    def __init__(self): super().__init__(dtype=None); self._auto, self._said = None, None
+
+    def before_fit(self, learn):
+        super().before_fit(learn)
+        said = (self.ran, id(learn.model))
+        if defaults.precision == 'auto' and said != self._said and learn.logger is not noop and rank_distrib() == 0:
+            print(f"defaults.precision = 'auto': training in {self.ran} ({_auto_reason(learn.model, learn.device)}); "
+                  f"learn.to_fp32() or learn.to_bf16() to choose")      # once per learner and choice: the choice is visible
+            self._said = said
 
     def choice(self, learn):
         "'fp32', 'bf16' or 'fp16': `defaults.precision`, 'auto' decided for `learn`'s model and device."

@@ -147,3 +147,16 @@ def test_a_callback_replacing_a_step_still_does(precision_setting):
     learn = small_learner(cbs=MyPred())
     with learn.no_logging(): learn.fit(1)
     assert len(calls) == len(learn.dls.train) + len(learn.dls.valid)
+
+
+def test_auto_says_what_it_chose(precision_setting, capsys):
+    "With 'auto' the first fit of a learner prints which precision it picked and why (once); other settings print nothing."
+    defaults.precision = 'auto'
+    learn = small_learner()
+    with learn.no_bar():
+        learn.fit(1); learn.fit(1)
+    said = [l for l in capsys.readouterr().out.splitlines() if l.startswith("defaults.precision = 'auto'")]
+    assert len(said) == 1 and f'training in {learn.precision}' in said[0], said
+    defaults.precision = 'fp32'
+    with learn.no_bar(): learn.fit(1)
+    assert "defaults.precision" not in capsys.readouterr().out
