@@ -16,6 +16,15 @@ __all__ = ['get_files',
            'Transform',
            'Pipeline',
            'Categorize',
+           'MultiCategory',
+           'MultiCategorize',
+           'OneHotEncode',
+           'EncodedMultiCategorize',
+           'TitledFloat',
+           'TitledTuple',
+           'RegressionSetup',
+           'ColReader',
+           'ColSplitter',
            'Datasets',
            'collate_samples',
            'resolve_device',
@@ -29,6 +38,8 @@ __all__ = ['get_files',
            'TfmdDataLoaders',
            'TransformBlock',
            'CategoryBlock',
+           'MultiCategoryBlock',
+           'RegressionBlock',
            'DataBlock',
            'dataloaders_from_dsets']
 
@@ -39,7 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exp.core import L, defaults, exportable, ifnone, listify, registered, uniqueify
+from exp.core import L, defaults, exportable, exportable_name, ifnone, is_listy, listify, registered, uniqueify
+from exp.losses import BCEWithLogitsLossFlat, MSELossFlat
 from exp.torch_core import default_device, find_bs, to_device
 from exp.minibatch import DataLoaders
 
@@ -175,6 +187,7 @@ class CategoryMap(L):
     "The vocab of a categorical label: the unique values (sorted unless `sort=False`) as an `L`, and `o2i` back to indices."
     def __init__(self, col, sort=True, add_na=False):
         items = uniqueify(listify(col))
+        if add_na: items = [o for o in items if o != '#na#']     # a vocab given back (an export's) already holds it
         if sort: items = sorted(items)
         if add_na: items = ['#na#'] + items
         super().__init__(items)
@@ -308,6 +321,13 @@ def _named(f, o):
         raise
 
 
+class _SetupItems(list):
+    "The items a transform's `setups` sees, with `vocab`: the vocab of the transforms before it, if any (fastai's `dsets.vocab`)."
+    def __init__(self, items=(), vocab=None):
+        super().__init__(items)
+        self.vocab = vocab
+
+
 class Pipeline:
     "Transforms (or plain functions) sorted by `order`, applied in turn; `split_idx` skips those meant for the other split."
     def __init__(self, funcs=None):
@@ -330,12 +350,13 @@ class Pipeline:
         return x
 
     def setup(self, items):
-        "Let each transform with a `setups` method learn from `items` as transformed by the steps before it."
+        "Let each transform with a `setups` method learn from `items` as transformed by the steps before it (`items.vocab`: their vocab)."
         need = [hasattr(f, 'setups') for f in self.fs]
-        xs = list(items)
+        xs = _SetupItems(items)
         for i, f in enumerate(self.fs):
             if need[i]: f.setups(xs)
-            if any(need[i + 1:]): xs = [_named(f, o) for o in xs]
+            if getattr(f, 'vocab', None) is not None: xs.vocab = f.vocab
+            if any(need[i + 1:]): xs = _SetupItems([_named(f, o) for o in xs], xs.vocab)
 
     def __len__(self): return len(self.fs)
     def __iter__(self): return iter(self.fs)
@@ -366,15 +387,177 @@ class Categorize(Transform):
 
     def decodes(self, i): return Category(self.vocab[int(i)], int(i))
 
+# %% nbs/04_datablock.ipynb (id: a1a75dcf)
+def _labels(o):
+    "The labels of a multi-label target: a list (tuple, set, array, tensor) of them; a string is refused (split it first)."
+    if isinstance(o, str):
+        raise TypeError(f'a multi-label target must be a list of labels, got the string {o!r}: split it, e.g. '
+                        f"ColReader('labels', label_delim=' ')")
+    if hasattr(o, 'tolist'): o = o.tolist()
+    return list(o) if is_listy(o) or isinstance(o, (set, frozenset)) else [o]
+
+
+class MultiCategory(L):
+    "A decoded multi-label target: the list of its labels; reads (`str`) and shows as the labels joined by ';'."
+    def _new(self, items): return L(items)
+    def __str__(self): return ';'.join(map(str, self))
+
+    def show(self, ax=None, **kwargs):
+        "Show the labels, joined by ';', as the title of matplotlib axes `ax` (printed when there is none)."
+        if ax is None: print(str(self))
+        else: ax.set_title(str(self))
+        return ax
+
+
+@exportable
+class MultiCategorize(Transform):
+    "Encode a list of labels as their indices in `vocab` (every training label, sorted, unless given); decode to a `MultiCategory`."
+    order = 1
+    def __init__(self, vocab=None, add_na=False):
+        self.add_na = add_na
+        self.vocab = None if vocab is None else CategoryMap(vocab, add_na=add_na)
+        self.loss_func = BCEWithLogitsLossFlat()
+
+    def setups(self, labels):
+        "Build the vocab from every label of the training items (unless one was given)."
+        if self.vocab is None: self.vocab = CategoryMap([o for ls in labels for o in _labels(ls)], add_na=self.add_na)
+
+    def encodes(self, o):
+        if self.vocab is None:
+            raise RuntimeError('MultiCategorize has no vocab yet: call setup with the training labels, or pass vocab=')
+        ls = _labels(o)
+        unknown = uniqueify(x for x in ls if x not in self.vocab.o2i)
+        if unknown: raise KeyError(f'labels {unknown} are not in the vocab {self.vocab!r} (built from the training labels)')
+        return torch.tensor([self.vocab.o2i[x] for x in ls], dtype=torch.long)
+
+    def decodes(self, idxs): return MultiCategory(self.vocab[[int(i) for i in torch.as_tensor(idxs).flatten()]])
+
+# %% nbs/04_datablock.ipynb (id: b0ac7694)
+@exportable
+class OneHotEncode(Transform):
+    "Indices to a float vector of `c` entries, 1 where an index is (`c`: the vocab's length at setup); decodes entries above 0.5 back to indices."
+    order = 2
+    def __init__(self, c=None): self.c = c
+
+    def setups(self, xs):
+        "Take `c` from the vocab of the transforms before this one (`MultiCategorize`)."
+        if self.c is None:
+            v = getattr(xs, 'vocab', None)
+            if v is None: raise ValueError('OneHotEncode needs the number of classes: pass c=, or put it after MultiCategorize')
+            self.c = len(v)
+
+    def encodes(self, o):
+        res = torch.zeros(self.c)
+        res[torch.as_tensor(o, dtype=torch.long)] = 1.
+        return res
+
+    def decodes(self, o): return torch.nonzero(torch.as_tensor(o).float().flatten() > 0.5).flatten()
+
+
+@exportable
+class EncodedMultiCategorize(Transform):
+    "Multi-label targets already one-hot encoded (one 0/1 per label of `vocab`): a float tensor; decodes to a `MultiCategory`."
+    order = 1
+    def __init__(self, vocab):
+        self.vocab = CategoryMap(vocab, sort=False)
+        self.c = len(self.vocab)
+        self.loss_func = BCEWithLogitsLossFlat()
+
+    def encodes(self, o):
+        t = torch.as_tensor(np.asarray(o, dtype=np.float32)).flatten()
+        if len(t) != self.c: raise ValueError(f'a one-hot target of {len(t)} entries for a vocab of {self.c} labels: {o!r}')
+        return t
+
+    def decodes(self, o): return MultiCategory(self.vocab[[int(i) for i in torch.nonzero(torch.as_tensor(o).float().flatten() > 0.5).flatten()]])
+
+# %% nbs/04_datablock.ipynb (id: 40741602)
+class TitledFloat(float):
+    "A decoded regression target: a float that shows itself as a title."
+    def show(self, ax=None, **kwargs):
+        "Show the value as the title of axes `ax` (printed when there is none)."
+        if ax is None: print(f'{self:.4g}')
+        else: ax.set_title(f'{self:.4g}')
+        return ax
+
+
+class TitledTuple(tuple):
+    "Several decoded regression values: a tuple of floats that shows itself as a title."
+    def __str__(self): return '(' + ', '.join(f'{v:.4g}' for v in self) + ')'
+
+    def show(self, ax=None, **kwargs):
+        "Show the values as the title of axes `ax` (printed when there is none)."
+        if ax is None: print(str(self))
+        else: ax.set_title(str(self))
+        return ax
+
+
+@exportable
+class RegressionSetup(Transform):
+    "Regression targets as float tensors; `c`, the number of values per item (read from the training items), sizes the model's output."
+    order = 1
+    def __init__(self, c=None):
+        self.c = c
+        self.loss_func = MSELossFlat()
+
+    def setups(self, xs):
+        "Read `c` from the first training target (unless given)."
+        if self.c is None and len(xs): self.c = max(1, torch.as_tensor(np.asarray(xs[0], dtype=np.float32)).numel())
+
+    def encodes(self, o): return torch.as_tensor(np.asarray(o, dtype=np.float32))
+
+    def decodes(self, o):
+        o = torch.as_tensor(o).flatten()
+        return TitledFloat(o.item()) if o.numel() == 1 else TitledTuple(float(v) for v in o)
+
+# %% nbs/04_datablock.ipynb (id: e89cbdb7)
+class ColReader:
+    "Read column `cols` (a name or index, or a list of them) of a row (dict, pandas row, namedtuple, list): `pref` + value + `suff`, split on `label_delim`."
+    def __init__(self, cols, pref='', suff='', label_delim=None):
+        self.cols = L(listify(cols))
+        self.pref = f'{pref}{os.sep}' if isinstance(pref, Path) else pref
+        self.suff, self.label_delim = suff, label_delim
+
+    def _do_one(self, r, c):
+        o = getattr(r, c) if isinstance(c, str) and c in getattr(r, '_fields', ()) else r[c]
+        if len(self.pref): o = f'{self.pref}{o}'
+        if len(self.suff): o = f'{o}{self.suff}'
+        if self.label_delim is None: return o
+        return [s for s in str(o).split(self.label_delim) if s] if len(str(o)) else []
+
+    def __call__(self, o):
+        if len(self.cols) == 1: return self._do_one(o, self.cols[0])
+        return L(self._do_one(o, c) for c in self.cols)
+
+    def __repr__(self): return f'ColReader({self.cols[0] if len(self.cols) == 1 else list(self.cols)!r})'
+
+
+def _true(v):
+    "Whether a table's cell means true: a bool or number as Python reads it, text 'true'/'1'/'yes' (any case)."
+    if isinstance(v, str): return v.strip().lower() in ('true', '1', 'yes', 't', 'y')
+    return bool(v)
+
+
+class ColSplitter:
+    "Split the rows of a table by column `col`: the rows where it is true (or equal to `on`) are for validation."
+    def __init__(self, col='is_valid', on=None): self.col, self.on = col, on
+
+    def __call__(self, items):
+        read = ColReader(self.col)
+        valid = [(read(o) == self.on) if self.on is not None else _true(read(o)) for o in items]
+        return L(i for i, v in enumerate(valid) if not v), L(i for i, v in enumerate(valid) if v)
+
+    def __repr__(self): return f'ColSplitter({self.col!r})'
+
 # %% nbs/04_datablock.ipynb (id: fb68fe25)
 def _check_valid_labels(dsets):
     "Raise if some validation labels are missing from a vocab built from the training labels."
     if len(dsets.splits) < 2 or not len(dsets.splits[1]): return
     for p in dsets.tfms[dsets.n_inp:]:
-        i = next((k for k, f in enumerate(p.fs) if isinstance(f, Categorize)), None)
+        i = next((k for k, f in enumerate(p.fs) if isinstance(f, (Categorize, MultiCategorize))), None)
         if i is None: continue
         pre, cat = Pipeline(p.fs[:i]), p.fs[i]
         labels = [pre(dsets.items[j]) for j in dsets.splits[1]]
+        if isinstance(cat, MultiCategorize): labels = [o for ls in labels for o in _labels(ls)]
         unknown = uniqueify(o for o in labels if o not in cat.vocab.o2i)
         if unknown:
             n = sum(o not in cat.vocab.o2i for o in labels)
@@ -423,6 +606,11 @@ class Datasets:
     def decode(self, sample):
         "Undo each element's pipeline (labels back to `Category`)."
         return tuple(p.decode(o) for p, o in zip(self.tfms, sample))
+
+    @property
+    def loss_func(self):
+        "The loss the targets' transforms suggest (their `loss_func`: multi-label, regression, masks...), or None."
+        return next((f.loss_func for p in self.tfms[self.n_inp:] for f in p.fs if getattr(f, 'loss_func', None) is not None), None)
 
     @property
     def vocab(self):
@@ -511,6 +699,7 @@ class TfmdDL:
         self.split_idx = split_idx if split_idx is not None else getattr(dataset, 'split_idx', None)
         self.device = resolve_device(device)
         self.pin_memory, self.skip_errors = pin_memory, skip_errors
+        self._types = None          # the types of the elements of this loader's batches, once one was made
 
     @property
     def n(self):
@@ -540,7 +729,9 @@ class TfmdDL:
 
     def finish_batch(self, b):
         "Move collated batch `b` to the device and apply the batch transforms there."
-        return self.after_batch(to_device(tuple(b), self.device), self.split_idx)
+        b = self.after_batch(to_device(tuple(b), self.device), self.split_idx)
+        if isinstance(b, tuple) and len(b) >= len(self._types or ()): self._types = tuple(type(o) for o in b)
+        return b
 
     def __iter__(self):
         batches = self.batch_idxs()
@@ -580,7 +771,9 @@ class TfmdDL:
                     device=self.device, after_item=self.after_item, after_batch=self.after_batch, split_idx=self.split_idx,
                     pin_memory=self.pin_memory, skip_errors=self.skip_errors)
         args.update(kwargs)
-        return type(self)(self.dataset if dataset is None else dataset, **args)
+        res = type(self)(self.dataset if dataset is None else dataset, **args)
+        res._types = self._types
+        return res
 
     def to(self, device):
         "Send future batches to `device`; returns self."
@@ -597,9 +790,15 @@ class TfmdDL:
         "How many elements of a batch are inputs (the rest are targets)."
         return getattr(self.dataset, 'n_inp', 1)
 
+    def retain_types(self, b):
+        "`b` with its plain tensors (predictions) given the types of this loader's batches, element by element (fastai's `retain_types`)."
+        types = self._types or ()
+        return tuple(o.as_subclass(t) if i < len(types) and type(o) is torch.Tensor and (t := types[i]) is not torch.Tensor
+                     and isinstance(t, type) and issubclass(t, torch.Tensor) else o for i, o in enumerate(b))
+
     def decode(self, b):
-        "Undo the batch transforms (last first) and bring `b` back to the CPU."
-        return to_device(self.after_batch.decode(tuple(b), self.split_idx), 'cpu')
+        "Undo the batch transforms (last first) and bring `b` back to the CPU (plain tensors first take this loader's types)."
+        return to_device(self.after_batch.decode(self.retain_types(tuple(b)), self.split_idx), 'cpu')
 
     def decode_batch(self, b, max_n=9):
         "The first `max_n` samples of batch `b` fully decoded: batch and item transforms undone, labels as `Category`."
@@ -735,6 +934,13 @@ class Normalize(Transform):
     def __getstate__(self): return {**self.__dict__, '_cache': {}}
 
 # %% nbs/04_datablock.ipynb (id: 79e3b982)
+def _tensor_type(name):
+    "The tensor class registered as `name` (a spec's batch type), else `torch.Tensor`."
+    if name is None: return torch.Tensor
+    try: return registered(name, torch.Tensor)
+    except KeyError: return torch.Tensor
+
+
 @exportable
 class TfmdDataLoaders(DataLoaders):
     "`DataLoaders` of `TfmdDL`s: adds `vocab`, `c`, `train_ds`, `one_batch`, `show_batch`, `test_dl`, `device`, `path`..."
@@ -801,11 +1007,23 @@ class TfmdDataLoaders(DataLoaders):
         "fastai v1's test set: the dataset of a third loader if there is one, else None."
         return self.loaders[2].dataset if len(self.loaders) > 2 else None
 
+    def _target_tfms(self):
+        "The transforms of the training targets (their type transforms), then the training item transforms."
+        ds = self.train.dataset
+        return [f for p in list(getattr(ds, 'tfms', []))[getattr(ds, 'n_inp', 1):] for f in p] + list(self.train.after_item)
+
     @property
     def c(self):
-        "The number of classes (the length of the vocab), or None."
+        "The number of model outputs the targets need: a target transform's `c` (labels, values, points, codes), else the vocab's length, or None."
+        c = next((f.c for f in self._target_tfms() if getattr(f, 'c', None)), None)
+        if c is not None: return c
         v = self.vocab
         return len(v) if v is not None else None
+
+    @property
+    def loss_func(self):
+        "The loss the targets' transforms suggest (a `Learner` given none uses it, as fastai's does), or None."
+        return next((f.loss_func for f in self._target_tfms() if getattr(f, 'loss_func', None) is not None), None)
 
     @property
     def n_inp(self):
@@ -870,25 +1088,43 @@ class TfmdDataLoaders(DataLoaders):
                            n_inp=n_inp, do_setup=False, split_idx=1)
         return self.valid.new(test_ds, shuffle=False, drop_last=False, bs=bs or self.valid.bs, split_idx=1, **kwargs)
 
+    def _batch_types(self):
+        "The types of a batch's elements (from a batch made already, else one validation or training batch), or None."
+        for dl in (self.valid, self.train):
+            if dl._types is None and dl.n:
+                try: dl.one_batch()
+                except Exception: pass
+            if dl._types is not None: return dl._types
+        return None
+
     def spec(self):
-        "The validation pipeline as JSON-able plain data: x type transforms, item and batch transforms, vocab, n_inp."
+        "The validation pipeline as JSON-able plain data: x and y type transforms, item and batch transforms, vocab, n_inp, batch types."
         ds, dl = self.valid.dataset, self.valid
-        return {'n_inp': ds.n_inp,
-                'x_tfms': [[t.to_dict() for t in p if not getattr(t, 'is_getter', False)] for p in ds.tfms[:ds.n_inp]],
-                'item_tfms': [t.to_dict() for t in dl.after_item],
-                'batch_tfms': [t.to_dict() for t in dl.after_batch],
-                'vocab': _plain(list(self.vocab)) if self.vocab is not None else None}
+        res = {'n_inp': ds.n_inp,
+               'x_tfms': [[t.to_dict() for t in p if not getattr(t, 'is_getter', False)] for p in ds.tfms[:ds.n_inp]],
+               'item_tfms': [t.to_dict() for t in dl.after_item],
+               'batch_tfms': [t.to_dict() for t in dl.after_batch],
+               'vocab': _plain(list(self.vocab)) if self.vocab is not None else None}
+        y = [[t for t in p if not getattr(t, 'is_getter', False)] for p in ds.tfms[ds.n_inp:]]
+        if all(exportable_name(getattr(t, '_func', None) or type(t)) is not None for p in y for t in p):
+            res['y_tfms'] = [[t.to_dict() for t in p] for p in y]       # how predictions decode (only exp's own transforms)
+        types = self._batch_types()
+        if types: res['types'] = [None if t is torch.Tensor else exportable_name(t) for t in types]
+        return res
 
     @classmethod
     def from_spec(cls, spec, path='.', device=None, bs=64):
         "Loaders (without data) rebuilt from `spec()`: enough for `test_dl`, `vocab` and `decode`."
         x_tfms = [[Transform.from_dict(d) for d in p] for p in spec['x_tfms']]
-        y_tfms = [[Categorize(vocab=spec['vocab'], sort=False)]] if spec.get('vocab') is not None else []
+        if spec.get('y_tfms') is not None: y_tfms = [[Transform.from_dict(d) for d in p] for p in spec['y_tfms']]
+        else: y_tfms = [[Categorize(vocab=spec['vocab'], sort=False)]] if spec.get('vocab') is not None else []
         ds = Datasets([], tfms=x_tfms + y_tfms, splits=[[], []], n_inp=spec['n_inp'], do_setup=False)
         item = [Transform.from_dict(d) for d in spec['item_tfms']]
         batch = [Transform.from_dict(d) for d in spec['batch_tfms']]
         dls = [TfmdDL(ds.subset(i), bs=bs, after_item=item, after_batch=batch, split_idx=i, device=device, num_workers=0)
                for i in range(2)]
+        types = [_tensor_type(n) for n in spec.get('types') or []]
+        for dl in dls: dl._types = tuple(types) or None
         return cls(*dls, path=path)
 
     def __repr__(self):
@@ -905,6 +1141,18 @@ class TransformBlock:
 def CategoryBlock(vocab=None, sort=True, add_na=False):
     "A `TransformBlock` for single-label classification targets (`Categorize`)."
     return TransformBlock(type_tfms=Categorize(vocab=vocab, sort=sort, add_na=add_na))
+
+
+def MultiCategoryBlock(encoded=False, vocab=None, add_na=False):
+    "A `TransformBlock` for multi-label targets: a list of labels per item (`MultiCategorize`, `OneHotEncode`), or one-hot vectors if `encoded` (with `vocab`)."
+    if encoded and vocab is None: raise ValueError('MultiCategoryBlock(encoded=True) needs the vocab: the label of each position')
+    tfms = [EncodedMultiCategorize(vocab=vocab)] if encoded else [MultiCategorize(vocab=vocab, add_na=add_na), OneHotEncode()]
+    return TransformBlock(type_tfms=tfms)
+
+
+def RegressionBlock(n_out=None):
+    "A `TransformBlock` for float targets, one number or several per item (`n_out`: how many; read from the data otherwise)."
+    return TransformBlock(type_tfms=RegressionSetup(c=n_out))
 
 
 def _merge_tfms(*tfms):
@@ -996,6 +1244,8 @@ def dataloaders_from_dsets(dsets, item_tfms=None, batch_tfms=None, path='.', bs=
     valid = dsets.valid if len(dsets.splits) > 1 else Datasets([], tfms=dsets.tfms, n_inp=dsets.n_inp, do_setup=False, split_idx=1)
     val = TfmdDL(valid, bs=val_bs or bs, after_item=vi, after_batch=vb, split_idx=1, **common)
     dls = (dls_type or TfmdDataLoaders)(trn, val, path=path)
+    for t in list(trn.after_item) + list(trn.after_batch):    # transforms that learn from the loader (PointScaler's `c`)
+        if hasattr(t, 'setups_dl') and len(train): t.setups_dl(trn)
     if norm: dls.normalize()                         # Normalize() without stats: from one training batch
     return dls
 
