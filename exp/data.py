@@ -13,10 +13,13 @@ __all__ = ['data_dir',
            'read_idx',
            'load_fashion_mnist',
            'fashion_mnist_png',
-           'untar_data']
+           'untar_data',
+           'FASHION_SCENES_CODES',
+           'scene_canvas',
+           'fashion_scenes']
 
 # %% nbs/02_data.ipynb (id: 5ab8d2f1)
-import gzip, hashlib, os, re, shutil, sys, tarfile, tempfile, time, urllib.error, urllib.parse, urllib.request, zipfile
+import csv, gzip, hashlib, json, os, re, shutil, sys, tarfile, tempfile, time, urllib.error, urllib.parse, urllib.request, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -165,6 +168,7 @@ class URLs:
     "Names of datasets `untar_data` knows: Fashion-MNIST (offline) and fastai's own data sets (downloaded); any http(s) URL of a tar or zip works too."
     FASHION_MNIST = 'exp://fashion_mnist'            # the 4 IDX .gz files
     FASHION_MNIST_PNG = 'exp://fashion_mnist_png'    # training/<class>/*.png, testing/<class>/*.png
+    FASHION_SCENES = 'exp://fashion_scenes'          # 64x64 canvases of 1-4 items: masks, labels, boxes, centres
     FASHION_MNIST_BASE = 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
     DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
     # fastai's data sets, at the addresses fastai downloads them from (needs the internet)
@@ -304,6 +308,7 @@ def untar_data(url, data=None, force_download=False, sha256=None):
     "Download and extract `url` (tar/zip) once, or resolve a built-in `URLs` name; returns the folder."
     if url == URLs.FASHION_MNIST: return fashion_mnist_path()
     if url == URLs.FASHION_MNIST_PNG: return fashion_mnist_png(Path(data) / 'fashion_mnist_png' if data else None)
+    if url == URLs.FASHION_SCENES: return fashion_scenes(Path(data) / 'fashion_scenes' if data else None)
     base = (Path(data) if data else data_dir()).resolve()
     fname, stem = _archive_name(url)
     dest = base / stem
@@ -323,5 +328,98 @@ def untar_data(url, data=None, force_download=False, sha256=None):
         try: extract_archive(archive, dest)
         except DownloadError:
             archive.unlink(missing_ok=True)            # a bad archive is not kept for next time
+            raise
+    return dest
+
+# %% nbs/02_data.ipynb (id: 290f4580)
+FASHION_SCENES_CODES = ['background'] + FASHION_MNIST_FOLDERS     # mask value k is FASHION_SCENES_CODES[k]
+_SCENES_VERSION = 1
+
+
+def _crop_item(img, thresh):
+    "The part of item image `img` (H, W uint8) inside the box of its pixels above `thresh` (None if there are none)."
+    ys, xs = np.nonzero(img > thresh)
+    if not len(ys): return None
+    return img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def _place(rng, crops, size, gap, tries):
+    "Top-left corners for `crops` on a `size`×`size` canvas with boxes `gap` pixels apart at least, or None."
+    boxes = []
+    for c in crops:
+        h, w = c.shape
+        for _ in range(tries):
+            x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            b = (x, y, x + w, y + h)
+            if all(b[0] >= o[2] + gap or o[0] >= b[2] + gap or b[1] >= o[3] + gap or o[1] >= b[3] + gap for o in boxes):
+                boxes.append(b); break
+        else: return None
+    return boxes
+
+# %% nbs/02_data.ipynb (id: e06017d9)
+def scene_canvas(rng, images, labels, size=64, max_items=4, thresh=32, gap=1, tries=20):
+    "One canvas of 1 to `max_items` items drawn from `images`/`labels` with generator `rng`: `(image, mask, items)`, uint8 arrays and a list of dicts."
+    n = int(rng.integers(1, max_items + 1))
+    while True:
+        idx = rng.integers(0, len(images), n)
+        crops = [_crop_item(images[i], thresh) for i in idx]
+        if any(c is None or max(c.shape) > size for c in crops): continue
+        for _ in range(tries):
+            boxes = _place(rng, crops, size, gap, tries=1)
+            if boxes is not None: break
+        if boxes is not None: break
+    img, mask, items = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8), []
+    for i, c, (x0, y0, x1, y1) in zip(idx, crops, boxes):
+        k = int(labels[i])
+        img[y0:y1, x0:x1] = c
+        mask[y0:y1, x0:x1][c > thresh] = k + 1
+        items.append({'label': FASHION_MNIST_FOLDERS[k], 'box': [x0, y0, x1, y1], 'centre': [(x0 + x1) / 2, (y0 + y1) / 2]})
+    return img, mask, items
+
+# %% nbs/02_data.ipynb (id: 5a961a8e)
+def _write_scenes(folder, split, rng, images, labels, n, **kwargs):
+    "Write `n` canvases of `split` to `folder`; the rows of `labels.csv` and the entries of `items.json` for them."
+    from PIL import Image
+    rows, items = [], {}
+    for j in range(n):
+        img, mask, its = scene_canvas(rng, images, labels, **kwargs)
+        fname = f'{split}_{j:05d}.png'
+        Image.fromarray(img, mode='L').save(folder / 'images' / fname, compress_level=6)
+        Image.fromarray(mask, mode='L').save(folder / 'masks' / fname, compress_level=6)
+        rows.append([fname, ' '.join(sorted({o['label'] for o in its})), str(split == 'valid')])
+        items[fname] = its
+    return rows, items
+
+
+def fashion_scenes(dest=None, n_train=2000, n_valid=500, size=64, max_items=4, thresh=32, seed=42):
+    "Materialise the Fashion-MNIST scenes (once, atomically): `images/`, `masks/`, `codes.txt`, `labels.csv`, `items.json`."
+    dest = Path(dest) if dest else data_dir() / 'fashion_scenes'
+    meta = {'version': _SCENES_VERSION, 'n_train': n_train, 'n_valid': n_valid, 'size': size, 'max_items': max_items,
+            'thresh': thresh, 'seed': seed}
+    def check():
+        if not (dest / 'meta.json').is_file(): return False
+        have = json.loads((dest / 'meta.json').read_text())
+        if have != meta: raise ValueError(f'{dest} holds scenes made with {have}, not {meta}: pass another dest')
+        return True
+    if check(): return dest
+    with _locked(dest.parent / f'.{dest.name}.lock'):
+        if check(): return dest
+        x_train, y_train, x_valid, y_valid = (t.numpy() for t in load_fashion_mnist())
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f'.{dest.name}.'))
+        try:
+            (tmp / 'images').mkdir(); (tmp / 'masks').mkdir()
+            kw = dict(size=size, max_items=max_items, thresh=thresh)
+            rows, items = _write_scenes(tmp, 'train', np.random.default_rng([seed, 0]), x_train, y_train, n_train, **kw)
+            r2, i2 = _write_scenes(tmp, 'valid', np.random.default_rng([seed, 1]), x_valid, y_valid, n_valid, **kw)
+            with open(tmp / 'labels.csv', 'w', newline='') as f: csv.writer(f).writerows([['fname', 'labels', 'is_valid']] + rows + r2)
+            all_items = {**items, **i2}                  # one canvas a line: readable, and diffs show which changed
+            (tmp / 'items.json').write_text('{\n' + ',\n'.join(f'{json.dumps(k)}: {json.dumps(v)}' for k, v in all_items.items()) + '\n}\n')
+            (tmp / 'codes.txt').write_text('\n'.join(FASHION_SCENES_CODES) + '\n')
+            (tmp / 'meta.json').write_text(json.dumps(meta, sort_keys=True))
+            mask = os.umask(0); os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)               # mkdtemp's folder is private (0700)
+            _install_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
