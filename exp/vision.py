@@ -9,6 +9,10 @@ __all__ = ['ImageReadError',
            'TensorImage',
            'show_image',
            'show_images',
+           'PILMask',
+           'TensorMask',
+           'show_mask',
+           'TensorPoint',
            'ResizeMethod',
            'PadMode',
            'Resize',
@@ -17,6 +21,7 @@ __all__ = ['ImageReadError',
            'imagenet_stats',
            'IntToFloatTensor',
            'warp_images',
+           'warp_points',
            'AffineCoordTfm',
            'Flip',
            'Dihedral',
@@ -32,7 +37,12 @@ __all__ = ['ImageReadError',
            'rand_pad',
            'ImageBlock',
            'FileName',
-           'ImageDataLoaders']
+           'ImageDataLoaders',
+           'AddMaskCodes',
+           'MaskBlock',
+           'PointScaler',
+           'PointBlock',
+           'SegmentationDataLoaders']
 
 # %% nbs/04a_vision.ipynb (id: 7afa4b18)
 import io, math, os, random, re, uuid, warnings, zlib
@@ -41,12 +51,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
 from exp.core import L, defaults, exportable, listify, parallel
 from exp.data import download_url
-from exp.datablock import (CategoryBlock, DataBlock, get_grid, get_image_files, GrandparentSplitter,
+from exp.losses import CrossEntropyLossFlat, MSELossFlat
+from exp.datablock import (CategoryBlock, CategoryMap, DataBlock, get_grid, get_image_files, GrandparentSplitter,
                            image_extensions, Normalize, parent_label, RandomSplitter, RegexLabeller, TensorImageBase,
                            TfmdDataLoaders, Transform, TransformBlock)
 
@@ -72,6 +84,7 @@ def _tvio():
 
 
 _PNG_SIG = b'\x89PNG\r\n\x1a\n'
+_ORIENTATION = 0x0112                                # the EXIF tag of a photo's orientation
 
 
 def _png_sound(data, channels):
@@ -86,6 +99,7 @@ def _png_sound(data, channels):
         if kind == b'IHDR': ihdr = data[pos + 8:pos + 8 + n]
         elif kind == b'IDAT': idat.append(data[pos + 8:pos + 8 + n])
         elif kind == b'IEND': break
+        elif kind == b'eXIf': return False             # may say the image is rotated: PIL applies it
         pos = end
     if ihdr is None or len(ihdr) != 13: return False
     w, h, depth, color, interlace = int.from_bytes(ihdr[:4], 'big'), int.from_bytes(ihdr[4:8], 'big'), ihdr[8], ihdr[9], ihdr[12]
@@ -120,6 +134,7 @@ def _to_mode(im, mode):
 class PILImage(PIL.Image.Image):
     "A PIL image in mode `_mode` ('RGB') that `create`s itself from a path, bytes, PIL image, array or tensor."
     _mode = 'RGB'
+    _indices = False          # PILMask: a palette image's indices are the classes (not its colours' brightness)
 
     @classmethod
     def create(cls, fn, mode=None):
@@ -147,8 +162,10 @@ class PILImage(PIL.Image.Image):
                     warnings.simplefilter('error', PIL.Image.DecompressionBombWarning)
                     im = PIL.Image.open(io.BytesIO(data))
                     im.load()
+                    if im.getexif().get(_ORIENTATION, 1) != 1: im = PIL.ImageOps.exif_transpose(im)   # as cameras meant it
             except Exception as e:
                 raise ImageReadError(f'{name}: cannot read image ({type(e).__name__}: {e})') from None
+        if cls._indices and im.mode == 'P': im = PIL.Image.fromarray(np.asarray(im))
         im = _to_mode(im, mode or cls._mode)
         res = im._new(im.im)                      # a plain Image sharing the pixels (no file handle, no copy)
         res.__class__ = cls
@@ -229,6 +246,9 @@ class TensorImage(TensorImageBase):
         return show_image(self, ax=ax, **kwargs)
 
 
+exportable(TensorImage)                                 # an export names its batches' types (to retype predictions)
+
+
 def _img_array(im):
     "An HWC (or HW) numpy array from a PIL image, a CHW tensor or an array, floats clamped to [0, 1]."
     if isinstance(im, PIL.Image.Image): return np.asarray(im)
@@ -260,6 +280,63 @@ def show_images(ims, nrows=1, ncols=None, titles=None, figsize=None, imsize=3, *
     axs = get_grid(len(ims), nrows, ncols, figsize, imsize=imsize)
     for im, ax, t in zip(ims, axs, titles or [None] * len(ims)): show_image(im, ax=ax, title=t, **kwargs)
 
+# %% nbs/04a_vision.ipynb (id: cab10d1c)
+class PILMask(PILImage):
+    "A segmentation mask opened as a PIL image in mode 'L' (a palette PNG keeps its indices): pixel values are class codes."
+    _mode, _indices = 'L', True
+
+    def show(self, ax=None, **kwargs):
+        "Overlay the mask on `ax` (see `show_mask`)."
+        return show_mask(self, ax=ax, **kwargs)
+
+
+exportable(PILMask.create)
+
+
+@exportable
+
+class TensorMask(torch.Tensor):
+    "A mask `(H, W)` or batch `(N, H, W)` of class codes: moved by the transforms that move its image, resampled nearest-neighbour."
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def show(self, ax=None, **kwargs):
+        "Overlay the mask on `ax` (see `show_mask`)."
+        return show_mask(self, ax=ax, **kwargs)
+
+
+def show_mask(m, ax=None, alpha=0.5, cmap='tab20', vmax=None, figsize=None, title=None, **kwargs):
+    "Draw mask `m` (class codes: PIL, tensor or array) on `ax` over what is there: each class a colour of `cmap`, background (0) transparent."
+    import matplotlib.pyplot as plt
+    a = np.asarray(_img_array(m))
+    if ax is None: _, ax = plt.subplots(figsize=figsize)
+    vmax = vmax if vmax is not None else max(20, int(a.max()) if a.size else 0)
+    ax.imshow(np.ma.masked_equal(a, 0), cmap=cmap, alpha=alpha, vmin=0, vmax=vmax, interpolation='nearest', **kwargs)
+    if title is not None: ax.set_title(title)
+    ax.set_axis_off()
+    return ax
+
+
+@exportable
+class TensorPoint(torch.Tensor):
+    "Points `(n, 2)` as `(x, y)`, or a batch `(N, n, 2)`: pixel coordinates until `PointScaler` scales them to [-1, 1] of the image."
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def create(cls, t, img_size=None):
+        "Points from `(x, y)` pairs (a list, a flat list, an array or a tensor) as an `(n, 2)` float tensor."
+        t = t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t, dtype=np.float32))
+        if t.numel() % 2: raise ValueError(f'TensorPoint: {t.numel()} numbers are not (x, y) pairs: {t.tolist()}')
+        return t.detach().float().reshape(-1, 2).as_subclass(cls)
+
+    def show(self, ax=None, s=40, marker='x', c='red', **kwargs):
+        "Mark the points on `ax` (pixel coordinates: what decoding gives)."
+        p = self.as_subclass(torch.Tensor).detach().cpu().reshape(-1, 2)
+        ax.scatter(p[:, 0] - 0.5, p[:, 1] - 0.5, s=s, marker=marker, c=c, **kwargs)   # imshow puts pixel i's centre at i
+        return ax
+
+
+exportable(TensorPoint.create)
+
 # %% nbs/04a_vision.ipynb (id: aba16823)
 class ResizeMethod:
     "How `Resize` fits an image to its size: crop, squish or pad."
@@ -289,11 +366,27 @@ def _same_type(res, im):
     return res
 
 
+def _pil_size(b):
+    "The size `(W, H)` of the PIL images in sample `b`, or None; images and masks of different sizes are refused."
+    sizes = {o.size for o in (b if isinstance(b, tuple) else (b,)) if isinstance(o, PIL.Image.Image)}
+    if len(sizes) > 1 and any(isinstance(o, PILMask) for o in b):
+        raise ValueError(f'an image and its mask have different sizes {sorted(sizes)}: they cannot be transformed together')
+    return next(iter(sizes), None)
+
+
+def _move_points(p, src, box, out, offset=(0, 0)):
+    "Points `p` (pixels) of a `src` (W, H) image after PIL's `resize(out, box=box)` then a shift by `offset`."
+    if src is None: raise ValueError('points need their image in the same sample: the transform takes its size from it')
+    (l, t, r, b), (w, h) = box, out
+    scale = torch.tensor([w / (r - l), h / (b - t)])
+    return ((p.as_subclass(torch.Tensor) - torch.tensor([l, t])) * scale + torch.tensor(offset, dtype=torch.float32)).as_subclass(TensorPoint)
+
+
 @exportable
 class Resize(Transform):
     "Resize images to `size` (int or (h, w)): crop (random position on train, centre on valid), squish, or pad with `pad_mode`."
     order = 1
-    input_types = (PIL.Image.Image,)
+    input_types = (PIL.Image.Image, TensorPoint)
 
     def __init__(self, size, method=ResizeMethod.Crop, pad_mode=PadMode.Reflection, resamples=(2, 0)):
         _pair(size)                                         # checked now: a bad size fails here, not at each item
@@ -304,22 +397,31 @@ class Resize(Transform):
 
     def before_call(self, b, split_idx):
         self.pcts = (0.5, 0.5) if split_idx else (random.random(), random.random())
+        self._src = _pil_size(b)
 
-    def encodes(self, im):
+    def _plan(self, W, H):
+        "Where a `W`×`H` image goes: the `box` of it PIL resizes to `out` (w, h), and the `offset` of that in the padded result."
         h, w = self.size
-        W, H = im.size
-        if (W, H) == (w, h): return im
-        rs = self.resamples[0]
-        if self.method == 'squish': return _same_type(im.resize((w, h), rs), im)
+        if self.method == 'squish': return (0, 0, W, H), (w, h), (0, 0)
         if self.method == 'crop':
             m = min(W / w, H / h)
             cw, ch = w * m, h * m
             l, t = self.pcts[0] * (W - cw), self.pcts[1] * (H - ch)
-            return _same_type(im.resize((w, h), rs, box=(l, t, l + cw, t + ch)), im)
+            return (l, t, l + cw, t + ch), (w, h), (0, 0)
         m = max(W / w, H / h)
         nw, nh = min(w, max(1, round(W / m))), min(h, max(1, round(H / m)))
+        return (0, 0, W, H), (nw, nh), (int(self.pcts[0] * (w - nw)), int(self.pcts[1] * (h - nh)))
+
+    def encodes(self, im):
+        h, w = self.size
+        if isinstance(im, TensorPoint):
+            return im if self._src == (w, h) else _move_points(im, self._src, *self._plan(*(self._src or (w, h))))
+        W, H = im.size
+        if (W, H) == (w, h): return im
+        rs = self.resamples[1] if isinstance(im, PILMask) else self.resamples[0]     # masks: nearest-neighbour
+        box, (nw, nh), (l, t) = self._plan(W, H)
+        if self.method != 'pad': return _same_type(im.resize((w, h), rs, box=box), im)
         r = np.asarray(im.resize((nw, nh), rs))
-        l, t = int(self.pcts[0] * (w - nw)), int(self.pcts[1] * (h - nh))
         pad = [(t, h - nh - t), (l, w - nw - l)] + [(0, 0)] * (r.ndim - 2)
         return _same_type(PIL.Image.fromarray(np.pad(r, pad, mode=_NP_PAD[self.pad_mode])), im)
 
@@ -328,7 +430,7 @@ class Resize(Transform):
 class RandomResizedCrop(Transform):
     "Crop a random region (`min_scale` to `max_scale` of the area, aspect in `ratio`) and resize to `size`; centre crop on valid."
     order = 1
-    input_types = (PIL.Image.Image,)
+    input_types = (PIL.Image.Image, TensorPoint)
 
     def __init__(self, size, min_scale=0.08, ratio=(3 / 4, 4 / 3), resamples=(2, 0), val_xtra=0.14, max_scale=1.):
         _pair(size)
@@ -337,9 +439,9 @@ class RandomResizedCrop(Transform):
         self.box = None
 
     def before_call(self, b, split_idx):
-        im = next((o for o in (b if isinstance(b, tuple) else (b,)) if isinstance(o, PIL.Image.Image)), None)
-        if im is None: return
-        W, H = im.size
+        self._src = _pil_size(b)
+        if self._src is None: return
+        W, H = self._src
         h, w = self.size
         if split_idx:                                   # valid: the centre, a little larger than `size`, then cropped
             xtra = math.ceil(max(h, w) * self.val_xtra / 8) * 8
@@ -361,12 +463,14 @@ class RandomResizedCrop(Transform):
 
     def encodes(self, im):
         h, w = self.size
-        return _same_type(im.resize((w, h), self.resamples[0], box=self.box), im)
+        if isinstance(im, TensorPoint): return _move_points(im, self._src, self.box, (w, h))
+        rs = self.resamples[1] if isinstance(im, PILMask) else self.resamples[0]
+        return _same_type(im.resize((w, h), rs, box=self.box), im)
 
 
 @exportable
 class ToTensor(Transform):
-    "Turn PIL images into `uint8` `TensorImage`s `(C, H, W)`; everything else passes through."
+    "Turn PIL images into `uint8` `TensorImage`s `(C, H, W)` (masks: `TensorMask` `(H, W)`); everything else passes through."
     order = 5
     input_types = (PIL.Image.Image,)
 
@@ -374,10 +478,12 @@ class ToTensor(Transform):
         cached = getattr(im, '_exp_tensor', None)
         if cached is not None and cached[0] is im.im:   # decoded by torchvision and untouched since: no conversion
             im._exp_tensor = None                       # hand it out once (nobody else holds it)
-            return cached[1].as_subclass(TensorImage)
-        a = np.array(im)                                # a writable copy (np.asarray would be read-only)
-        t = torch.from_numpy(a)
-        return (t.unsqueeze(0) if a.ndim == 2 else t.permute(2, 0, 1)).as_subclass(TensorImage)
+            t = cached[1]
+        else:
+            a = np.array(im)                            # a writable copy (np.asarray would be read-only)
+            t = torch.from_numpy(a)
+            t = t.unsqueeze(0) if a.ndim == 2 else t.permute(2, 0, 1)
+        return t[0].as_subclass(TensorMask) if isinstance(im, PILMask) else t.as_subclass(TensorImage)
 
     def decodes(self, x): return x
 
@@ -387,18 +493,19 @@ imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 @exportable
 class IntToFloatTensor(Transform):
-    "Batch transform: `uint8` images to float in [0, 1] (divided by `div`); decodes back to `uint8`."
+    "Batch transform: `uint8` images to float in [0, 1] (divided by `div`), masks to `int64` class codes; decodes images back to `uint8`."
     order = 10
-    input_types = (TensorImage,)
+    input_types = (TensorImage, TensorMask)
 
     def __init__(self, div=255.): self.div = div
 
     def encodes(self, x):
+        if isinstance(x, TensorMask): return x.long().as_subclass(TensorMask)     # what losses take as targets
         if x.is_floating_point(): return x
         return x.to(torch.float32, memory_format=torch.contiguous_format).div_(self.div).as_subclass(TensorImage)
 
     def decodes(self, x):
-        if not x.is_floating_point(): return x
+        if isinstance(x, TensorMask) or not x.is_floating_point(): return x
         return (x.clamp(0, 1) * self.div).round_().to(torch.uint8).as_subclass(TensorImage)
 
 # %% nbs/04a_vision.ipynb (id: a7ab176d)
@@ -435,11 +542,26 @@ def warp_images(x, mat, size=None, mode='bilinear', pad_mode='reflection', align
     return out.as_subclass(TensorImage)
 
 
+def warp_points(p, mat, hw, size=None, align_corners=True):
+    "Points `p` (N, n, 2) in [-1, 1] of (h, w) = `hw` images, moved where `warp_images(x, mat, size)` moves their pixels."
+    h, w = hw
+    oh, ow = _pair(size) if size is not None else (h, w)
+    pt = p.as_subclass(torch.Tensor).float()
+    dev = pt.device
+    # [-1, 1] between the image's edges -> grid_sample's coordinates, where align_corners puts -1 and 1 on the corner
+    # pixels' centres; the output grid is always corner centre to corner centre (`_base_grid`)
+    s_in = torch.tensor([w / max(w - 1, 1), h / max(h - 1, 1)] if align_corners else [1., 1.], device=dev)
+    s_out = torch.tensor([(ow - 1) / ow, (oh - 1) / oh], device=dev)
+    g = torch.cat([pt * s_in, torch.ones_like(pt[..., :1])], -1)                        # (N, n, 3)
+    q = g @ torch.linalg.inv(mat.to(device=dev, dtype=torch.float32)).transpose(1, 2)  # the matrices send output to input
+    return (q[..., :2] / q[..., 2:] * s_out).as_subclass(TensorPoint)
+
+
 @exportable
 class AffineCoordTfm(Transform):
-    "Batch augmentation: compose the matrices of `tfms` (Flip, Rotate, Zoom, Warp...) into one `grid_sample`; in validation, only the resize to `size`."
+    "Batch augmentation: compose the matrices of `tfms` (Flip, Rotate, Zoom, Warp...) into one `grid_sample`; in validation, only the resize to `size`. Masks and points move with their images."
     order = 30
-    input_types = (TensorImage,)
+    input_types = (TensorImage, TensorMask, TensorPoint)
     size, mode, pad_mode, align_corners = None, 'bilinear', 'reflection', True   # defaults for the parts used alone
 
     def __init__(self, tfms=None, size=None, mode='bilinear', pad_mode='reflection', align_corners=True):
@@ -455,6 +577,7 @@ class AffineCoordTfm(Transform):
     def before_call(self, b, split_idx):
         x, self._mat = _first_image(b), None
         if x is None: return
+        self._hw = x.shape[-2:]
         if split_idx == 0: self._mat = self.matrix(x.shape[0], x.shape[-2], x.shape[-1])      # training: augment
         elif self.size is not None: self._mat = self.valid_matrix(x.shape[0], x.shape[-2], x.shape[-1])
 
@@ -466,6 +589,10 @@ class AffineCoordTfm(Transform):
 
     def encodes(self, x):
         if self._mat is None: return x                    # validation without a size: nothing to do
+        if isinstance(x, TensorPoint): return warp_points(x, self._mat, self._hw, self.size, self.align_corners)
+        if isinstance(x, TensorMask):
+            m = warp_images(x.as_subclass(torch.Tensor)[:, None], self._mat, self.size, 'nearest', self.pad_mode, self.align_corners)
+            return m.as_subclass(torch.Tensor)[:, 0].as_subclass(TensorMask)
         return warp_images(x, self._mat, self.size, self.mode, self.pad_mode, self.align_corners)
 
 
@@ -643,7 +770,7 @@ class RandPad(Transform):
     "Batch augmentation (train only): pad images by `padding`, then crop a random `size` window from each (v1's `rand_pad`)."
     order = 25
     split_idx = 0
-    input_types = (TensorImage,)
+    input_types = (TensorImage, TensorMask, TensorPoint)
 
     def __init__(self, padding, size, mode='reflection'):
         if mode not in _PAD_MODES: raise ValueError(f"rand_pad: mode {mode!r}: use 'zeros', 'reflection' or 'border'")
@@ -653,12 +780,19 @@ class RandPad(Transform):
         x = _first_image(b)
         if x is None: return
         n, _, h, w = x.shape
+        self._hw = (h, w)
         oh, ow = _pair(self.size)
         p = self.padding
         self._offsets = (torch.randint(0, h + 2 * p - oh + 1, (n,)), torch.randint(0, w + 2 * p - ow + 1, (n,)))
 
     def encodes(self, x):
         p, (oh, ow) = self.padding, _pair(self.size)
+        if isinstance(x, TensorPoint):                   # pixels: x + p - offset; in [-1, 1] of the output size
+            (h, w), (r, q) = self._hw, self._offsets
+            shift = torch.stack([p - q, p - r], -1).to(x.device, torch.float32)[:, None]
+            size, out = torch.tensor([w, h], device=x.device), torch.tensor([ow, oh], device=x.device)
+            return (((x.as_subclass(torch.Tensor) + 1) * size / 2 + shift) * 2 / out - 1).as_subclass(TensorPoint)
+        if isinstance(x, TensorMask): return self.encodes(x.as_subclass(TensorImage)[:, None]).as_subclass(torch.Tensor)[:, 0].as_subclass(TensorMask)
         xt = x.as_subclass(torch.Tensor)
         xf = xt if xt.is_floating_point() else xt.float()
         xp = F.pad(xf, (p, p, p, p), mode=_PAD_MODES[self.mode]).to(xt.dtype)
@@ -767,3 +901,84 @@ class ImageDataLoaders(TfmdDataLoaders):
         dblock = DataBlock(blocks=(ImageBlock(img_cls), CategoryBlock), splitter=RandomSplitter(valid_pct, seed),
                            get_x=_ItemGetter(0), get_y=_ItemGetter(1), item_tfms=item_tfms, batch_tfms=batch_tfms)
         return cls.from_dblock(dblock, list(zip(fnames, labels)), path=path, **kwargs)
+
+# %% nbs/04a_vision.ipynb (id: 3d521150)
+@exportable
+class AddMaskCodes(Transform):
+    "The type transform of masks: carries the class names `codes` (the loaders' `vocab`, and `c` for the model's outputs); masks pass unchanged."
+    order = 1
+
+    def __init__(self, codes=None):
+        self.codes = None if codes is None else list(codes)
+        self.vocab = None if codes is None else CategoryMap(self.codes, sort=False)
+        self.c = None if codes is None else len(self.codes)
+        self.loss_func = CrossEntropyLossFlat(axis=1)   # the default loss of masks: a class per pixel, classes on axis 1
+
+    def decodes(self, x):
+        return x.as_subclass(TensorMask) if type(x) is torch.Tensor else x     # a model's decoded output is a plain tensor
+
+
+def MaskBlock(codes=None):
+    "A `TransformBlock` for segmentation masks (`PILMask`, class names `codes`), moved with their image and resampled nearest-neighbour."
+    return TransformBlock(type_tfms=[PILMask.create, AddMaskCodes(codes)], item_tfms=[ToTensor()], batch_tfms=[IntToFloatTensor()])
+
+
+def _image_size(b):
+    "`(W, H)` of the first image (PIL or tensor) in sample `b`, or None."
+    for o in (b if isinstance(b, tuple) else (b,)):
+        if isinstance(o, PIL.Image.Image): return o.size
+        if isinstance(o, TensorImage): return (o.shape[-1], o.shape[-2])
+    return None
+
+
+@exportable
+class PointScaler(Transform):
+    "Item transform: points from pixels to [-1, 1] of their image (`y_first`: given as `(y, x)`); decodes back to pixels (`(x, y)`)."
+    order = 6                                             # after the item transforms that move points in pixels
+    input_types = (TensorPoint,)
+
+    def __init__(self, do_scale=True, y_first=False):
+        self.do_scale, self.y_first = do_scale, y_first
+        self.loss_func = MSELossFlat()                  # the default loss of point targets
+
+    def before_call(self, b, split_idx): self._sz = _image_size(b)
+
+    def setups_dl(self, dl):
+        "Count the numbers a model must output, `c` (two per point), on the first training item."
+        self.c = next((o.numel() for o in dl.create_item(0) if isinstance(o, TensorPoint)), None)
+
+    def _scale(self):
+        if self._sz is None: raise ValueError('PointScaler: points need their image in the same sample, to scale by its size')
+        return torch.tensor(self._sz, dtype=torch.float32) / 2
+
+    def encodes(self, p):
+        if self.y_first: p = p.as_subclass(torch.Tensor).flip(-1)
+        if not self.do_scale: return p.as_subclass(TensorPoint)
+        return (p.as_subclass(torch.Tensor) / self._scale() - 1).as_subclass(TensorPoint)
+
+    def decodes(self, p):
+        p = p.as_subclass(torch.Tensor).reshape(-1, 2)
+        return (((p + 1) * self._scale()) if self.do_scale else p).as_subclass(TensorPoint)
+
+    def decode(self, x, split_idx=None):
+        "Undo the scaling of the points in sample `x` with its image's size."
+        if not isinstance(x, tuple): return x
+        self._sz = _image_size(x)
+        return tuple(self.decodes(o) if isinstance(o, TensorPoint) else o for o in x)
+
+
+def PointBlock():
+    "A `TransformBlock` for points `(x, y)` in pixels (`TensorPoint`), scaled to [-1, 1] and moved with their image."
+    return TransformBlock(type_tfms=TensorPoint.create, item_tfms=[PointScaler()])
+
+# %% nbs/04a_vision.ipynb (id: 71e33710)
+@exportable
+class SegmentationDataLoaders(TfmdDataLoaders):
+    "`TfmdDataLoaders` for segmentation: images and their masks (fastai's `from_label_func`)."
+    @classmethod
+    def from_label_func(cls, path, fnames, label_func, valid_pct=0.2, seed=None, codes=None, item_tfms=None,
+                        batch_tfms=None, img_cls=PILImage, **kwargs):
+        "Images `fnames` with masks at `label_func(fname)`, class names `codes`, a random `valid_pct` for validation."
+        dblock = DataBlock(blocks=(ImageBlock(img_cls), MaskBlock(codes=codes)), splitter=RandomSplitter(valid_pct, seed),
+                           get_y=label_func, item_tfms=item_tfms, batch_tfms=batch_tfms)
+        return dblock.dataloaders(fnames, path=path, dls_type=cls, **kwargs)
