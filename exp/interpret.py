@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from exp.core import listify, patch
-from exp.datablock import Pipeline, get_grid
+from exp.datablock import Pipeline, get_grid, show_sample
 from exp.learner import in_order, Learner
 from exp.vision import PILImage
 
@@ -36,12 +36,13 @@ def _as_item(item):
 
 @patch
 def predict(self: Learner, item, rm_type_tfms=None, with_input=False):
-    "fastai's `predict`: `(label, index, probabilities)` for one new `item` (a file, image, tensor or upload), decoded."
+    "fastai's `predict`: `(decoded target, decoded prediction, activations)` for one new `item` (a file, image, tensor or upload): `(label, index, probabilities)` for a classifier."
     if not hasattr(self.dls, 'test_dl'):
         raise TypeError(f'learn.predict(item) needs loaders that can process a new item (dls.test_dl), like those of a '
                         f'DataBlock or ImageDataLoaders; these are {type(self.dls).__name__}. For tensors use '
                         f'learn.model(x), or learn.get_preds(dl=...) over a loader.')
     dl = self.dls.test_dl([_as_item(item)], rm_type_tfms=rm_type_tfms or 0, num_workers=0)
+    if hasattr(self.dls, '_batch_types'): self.dls._batch_types()   # the targets' types (one batch if none was made), for decoding
     inp, preds, _, dec_preds = self.get_preds(dl=dl, with_input=True, with_decoded=True)
     inps = inp if isinstance(inp, tuple) else (inp,)
     decs = dec_preds if isinstance(dec_preds, tuple) else (dec_preds,)
@@ -69,15 +70,32 @@ def tta(self: Learner, ds_idx=1, dl=None, n=4, item_tfms=None, batch_tfms=None, 
     return (aug, preds) if beta is None else torch.lerp(aug, preds, beta), targs
 
 # %% nbs/07_interpret.ipynb (id: c6299e09)
+def _drawn(o):
+    "Whether a decoded target is drawn on its image (a mask, points: tensors that show themselves) rather than written as a title."
+    return isinstance(o, torch.Tensor) and hasattr(o, 'show')
+
+
+def _show_pairs(targets, predicted, nrows=None, ncols=None, figsize=None, **kwargs):
+    "Targets and predictions drawn on their images, side by side: a grid of (target, prediction) pairs."
+    n = len(targets)
+    ncols = ncols or min(n, 3)                            # pairs per row
+    nrows = nrows or math.ceil(n / ncols)
+    axs = get_grid(2 * nrows * ncols, nrows, 2 * ncols, figsize, title='Target / Prediction')
+    for k, (t, p) in enumerate(zip(targets, predicted)):
+        for ax, s in zip(axs[2 * k:2 * k + 2], (t, p)): show_sample(s, ax=ax, **kwargs)
+    for ax in axs[2 * n:]: ax.set_axis_off()
+
+
 @patch
 def show_results(self: Learner, ds_idx=1, dl=None, max_n=9, shuffle=True, nrows=None, ncols=None, figsize=None, **kwargs):
-    "Show `max_n` items of a batch with their target above their prediction: green when right, red when wrong."
+    "Show `max_n` items of a batch with their target and prediction: labels as titles (green when right, red when wrong), masks and points drawn side by side."
     if dl is None: dl = self.dls[ds_idx].new(shuffle=shuffle, drop_last=False)
     b = dl.one_batch()
     n_inp = dl.n_inp
     _, _, dec = self.get_preds(dl=[b], with_decoded=True)
     targets = dl.decode_batch(b, max_n)
-    predicted = dl.decode_batch((*b[:n_inp], dec), max_n)
+    predicted = dl.decode_batch((*b[:n_inp], *(dec if isinstance(dec, tuple) else (dec,))), max_n)
+    if any(_drawn(o) for o in targets[0][n_inp:]): return _show_pairs(targets, predicted, nrows, ncols, figsize, **kwargs)
     axs = get_grid(len(targets), nrows, ncols, figsize)
     for ax, t, p in zip(axs, targets, predicted):
         t[0].show(ax=ax, **kwargs)
@@ -109,17 +127,19 @@ class Interpretation:
         return dl.decode_batch(dl.finish_batch(b), max_n=len(idxs))
 
     def _title(self, i, sample, loss):
-        "How `plot_top_losses` titles item `i` (subclasses add the prediction): the actual target and the loss."
-        return f'{sample[1]} / {loss:.2f}'
+        "How `plot_top_losses` titles item `i` (subclasses add the prediction): the actual target (unless drawn) and the loss."
+        return f'{loss:.2f}' if _drawn(sample[1]) else f'{sample[1]} / {loss:.2f}'
 
     def plot_top_losses(self, k, largest=True, nrows=None, ncols=None, figsize=None, **kwargs):
         "Show the `k` items with the largest losses, each titled with what `_title` says (prediction, actual, loss...)."
         losses, idxs = self.top_losses(k, largest)
         idxs = idxs.tolist()
         if nrows is None and ncols is None: nrows = math.ceil(len(idxs) / min(len(idxs), 5)) if idxs else 1
-        axs = get_grid(len(idxs), nrows, ncols, figsize, title=self.title_format)
-        for ax, s, i, l in zip(axs, self._samples(idxs), idxs, losses):
-            s[0].show(ax=ax, **kwargs)
+        samples = self._samples(idxs)
+        drawn = bool(samples) and _drawn(samples[0][1])
+        axs = get_grid(len(idxs), nrows, ncols, figsize, title='Loss' if drawn else self.title_format)
+        for ax, s, i, l in zip(axs, samples, idxs, losses):
+            show_sample([s[0]] + [o for o in s[1:] if _drawn(o)], ax=ax, **kwargs)   # a mask or points: drawn on the image
             ax.set_title(self._title(i, s, l.item()), fontsize='medium')
         return None
 
