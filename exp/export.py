@@ -28,6 +28,8 @@ from torch import nn
 from exp import __version__ as _exp_version
 import exp.hooks, exp.regularization, exp.vision      # they register the layers, losses and transforms exports may name
 import exp.xresnet                                    # the built-in architectures
+import exp.segmentation                               # unet_learner's models ('unet_model'), its metrics
+import exp.multilabel                                 # the multi-label metrics a loaded learner gets back by name
 from exp.vision_learner import create_vision_model
 import exp.interpret                                 # loaded learners get predict, show_results and tta from it
 from exp.core import atomic_write, exportable, exportable_name, patch, registered, registered_names
@@ -123,7 +125,7 @@ def register_arch(name, factory=None):
     "Register `factory(**kwargs) -> nn.Module` as architecture `name` (the exporting and the loading side both must); returns `factory`, so it also decorates."
     if factory is None: return lambda f: register_arch(name, f)
     if not isinstance(name, str) or not name: raise ValueError('register_arch: the name must be a non-empty string')
-    if name.startswith('torchvision.') or name in _XRESNETS or name == 'vision_model':
+    if name.startswith('torchvision.') or name in _XRESNETS or name in _BUILT_IN:
         raise ValueError(f'register_arch: {name!r} is a built-in architecture name')
     _ARCHS[name] = factory
     return factory
@@ -161,10 +163,13 @@ def _xresnet_factory(name):
     return build
 
 
+_BUILT_IN = {'vision_model': _vision_model, 'unet_model': exp.segmentation.unet_model}    # vision_learner's, unet_learner's
+
+
 def arch_factory(name):
-    "The factory registered as architecture `name` (built in: `torchvision.<model>`, exp's xresnets, 'vision_model'); KeyError saying how to register it."
+    "The factory registered as architecture `name` (built in: `torchvision.<model>`, exp's xresnets, 'vision_model', 'unet_model'); KeyError saying how to register it."
     f = _ARCHS.get(name) if isinstance(name, str) else None
-    if f is None and name == 'vision_model': f = _vision_model
+    if f is None and isinstance(name, str): f = _BUILT_IN.get(name)
     if f is None and name in _XRESNETS: f = _xresnet_factory(name)
     if f is None and isinstance(name, str) and name.startswith('torchvision.'): f = _torchvision_factory(name)
     if f is None:
@@ -360,7 +365,14 @@ def _check_spec(spec, bad):
     v = spec.get('vocab')
     if v is not None and not (isinstance(v, list) and all(isinstance(o, (str, int, float, bool)) for o in v)):
         bad('the vocab is not a list of plain labels')
-    for k in ('x_tfms', 'item_tfms', 'batch_tfms'): _check_tfms(spec[k], k, bad)
+    ys = spec.get('y_tfms')                     # how predictions decode (labels, label sets, masks, points); optional
+    if ys is not None and not (isinstance(ys, list) and all(isinstance(p, list) and all(map(_is_tfm, p)) for p in ys)):
+        bad('the data pipeline has no valid y_tfms (one list of transforms per target)')
+    for t in spec.get('types') or []:           # the types of a batch's elements: exp's registered tensor types only
+        if t is not None and _registered_or_none(t, torch.Tensor) is None:
+            bad(f'unknown tensor type {t!r} (exp only uses registered ones: {", ".join(registered_names(torch.Tensor))})')
+    if not isinstance(spec.get('types', []), (list, type(None))): bad('the batch types are not a list')
+    for k in ('x_tfms', 'item_tfms', 'batch_tfms', 'y_tfms'): _check_tfms(spec.get(k) or [], k, bad)
 
 
 def _raise(exc):
