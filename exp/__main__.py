@@ -106,17 +106,54 @@ def train_folder(path=None, epochs=1, arch='cnn', size=None, bs=64, lr=None, val
     return learn
 
 # %% nbs/07c_cli.ipynb (id: 18641c68)
-def predict_files(export, images, out=None, err=None):
-    "Print `file<TAB>label<TAB>probability` for each image in `images` with the learner exported to `export`; returns how many failed."
+def _mask_file(mask, folder, name, taken):
+    "Write predicted `mask` (class codes) as the 8-bit PNG `folder/<name>.png` (a number added if two images share a name), atomically; its path."
+    import numpy as np, PIL.Image
+    from exp.core import atomic_write
+    a = mask.detach().cpu().numpy()
+    if a.size and a.max() > 255: raise ValueError(f'{name}: a mask with class codes above 255 does not fit an 8-bit PNG')
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, k = name, 1
+    while stem in taken: stem, k = f'{name}_{k}', k + 1
+    taken.add(stem)
+    path = folder / f'{stem}.png'
+    with atomic_write(path) as f: PIL.Image.fromarray(a.astype(np.uint8), mode='L').save(f, format='PNG')
+    return path
+
+
+def _fields(learn, item, masks=None, taken=None):
+    "What `predict` prints after an image's name, by the kind of target: label and probability; labels and theirs; value(s); points; a mask's classes."
+    import torch
+    from exp.datablock import MultiCategory, TitledFloat, TitledTuple
+    from exp.vision import TensorMask, TensorPoint
+    dec, decided, probs = learn.predict(item)
+    if isinstance(dec, MultiCategory):
+        return [';'.join(map(str, dec)), ';'.join(f'{float(p):.4f}' for p, d in zip(probs, decided) if d)]
+    if isinstance(dec, TitledFloat): return [f'{dec:.4f}']
+    if isinstance(dec, TitledTuple): return [' '.join(f'{v:.4f}' for v in dec)]
+    if isinstance(dec, TensorPoint): return [' '.join(f'{x:.2f},{y:.2f}' for x, y in dec.as_subclass(torch.Tensor).tolist())]
+    if isinstance(dec, TensorMask):
+        codes = list(learn.dls.vocab or [])
+        m = dec.as_subclass(torch.Tensor).long().flatten()
+        counts = torch.bincount(m, minlength=len(codes)).tolist()
+        share = sorted(((codes[k] if k < len(codes) else str(k), c / m.numel()) for k, c in enumerate(counts) if c), key=lambda o: -o[1])
+        res = [' '.join(f'{n}:{s:.3f}' for n, s in share)]
+        if masks is not None: res.append(str(_mask_file(dec, masks, Path(item).stem, taken)))
+        return res
+    return [str(dec), f'{float(probs[decided]):.4f}']
+
+
+def predict_files(export, images, out=None, err=None, masks=None):
+    "Print one tab-separated line per image in `images` with the learner exported to `export` (what depends on its task: see `_fields`); `masks`: a folder for predicted masks. Returns how many failed."
     from exp.export import load_learner
     out, err = out or sys.stdout, err or sys.stderr
     learn = load_learner(export)
-    failed = 0
+    failed, taken = 0, set()
     for f in images:
         try:
             if not Path(f).exists(): raise FileNotFoundError(f'{f}: no such file')
-            label, idx, probs = learn.predict(Path(f))
-            print(f'{f}\t{label}\t{float(probs[idx]):.4f}', file=out, flush=True)
+            print('\t'.join([str(f), *_fields(learn, Path(f), masks, taken)]), file=out, flush=True)
         except OSError as e:                          # ImageReadError is an OSError: the message names the file
             print(f'exp predict: {e}', file=err, flush=True)
             failed += 1
@@ -124,7 +161,7 @@ def predict_files(export, images, out=None, err=None):
 
 
 def export_info(export, out=None):
-    "Print what export file `export` holds: versions, model, classes, transforms."
+    "Print what export file `export` holds: versions, model, classes, targets, transforms."
     from exp.export import read_export
     out = out or sys.stdout
     h, tensors = read_export(export)
@@ -133,9 +170,11 @@ def export_info(export, out=None):
              else f"{len(m.get('sequential', []))}-layer nn.Sequential" if 'sequential' in m else m.get('layer', '?'))
     spec = h['dls']['spec']
     n = sum(t.numel() for t in tensors.values())
+    ys = spec.get('y_tfms')
     for k, v in [('file', export), ('format', f"{h['format']} version {h['format_version']} (exp {h.get('exp_version')}, torch {h.get('torch_version')})"),
                  ('model', f'{model}, {n:,} weights ({h.get("dtype", "float32")})'),
                  ('classes', f"{len(spec.get('vocab') or [])}: {', '.join(map(str, spec.get('vocab') or []))}"),
+                 ('targets', ', '.join(t.get('func', t.get('name', '?')).split('.', 2)[-1] for p in ys for t in p) if ys else '-'),
                  ('opens items with', ', '.join(t.get('func', t.get('name', '?')).split('.', 2)[-1] for p in spec['x_tfms'] for t in p)),
                  ('item transforms', ', '.join(t['name'].split('.')[-1] for t in spec['item_tfms'])),
                  ('batch transforms', ', '.join(t['name'].split('.')[-1] for t in spec['batch_tfms'])),
@@ -161,10 +200,14 @@ def _parser():
     t.add_argument('--workers', type=int, default=None, help='data-loading processes (default: cores - 1)')
     t.add_argument('--threads', type=int, default=None, help='torch threads (default: the cores the workers leave, at least 1)')
     t.add_argument('--out', default='export.pkl', help='where to write the export (default: export.pkl)')
-    r = sub.add_parser('predict', help='predict the class of images with an export',
-                       description='Print "IMAGE<TAB>label<TAB>probability" for each image.')
+    r = sub.add_parser('predict', help='predict with an export: labels, label sets, numbers, points or masks',
+                       description='Print one tab-separated line per image: "IMAGE<TAB>label<TAB>probability" for a classifier; '
+                                   'the labels and their probabilities (";"-separated) for label sets; the value(s) for numbers; '
+                                   '"x,y" pixel coordinates for points; the classes and their share of pixels for masks.')
     r.add_argument('export', help='an export written by train or learn.export()')
     r.add_argument('images', nargs='+', metavar='IMAGE')
+    r.add_argument('--masks', metavar='DIR', default=None,
+                   help="segmentation: also write each predicted mask to DIR/<image name>.png (class codes, the model's input size)")
     i = sub.add_parser('info', help='describe an export file')
     i.add_argument('export')
     return p
@@ -188,7 +231,7 @@ def main(argv=None):
             train_folder(args.path, args.epochs, args.arch, args.size, args.bs, args.lr, args.valid_pct, args.seed,
                          args.limit, args.out, args.workers, progress=progress_mode(shell=None))  # a command prints text
             return 0
-        if args.cmd == 'predict': return 1 if predict_files(args.export, args.images) else 0
+        if args.cmd == 'predict': return 1 if predict_files(args.export, args.images, masks=args.masks) else 0
         export_info(args.export)
         return 0
     except (OSError, ValueError, TypeError) as e:
