@@ -285,9 +285,9 @@ class PILMask(PILImage):
     "A segmentation mask opened as a PIL image in mode 'L' (a palette PNG keeps its indices): pixel values are class codes."
     _mode, _indices = 'L', True
 
-    def show(self, ax=None, **kwargs):
-        "Overlay the mask on `ax` (see `show_mask`)."
-        return show_mask(self, ax=ax, **kwargs)
+    def show(self, ax=None, alpha=0.5, title=None, **kwargs):
+        "Overlay the mask on `ax` (see `show_mask`); the image's display options (`cmap`...) are not the mask's."
+        return show_mask(self, ax=ax, alpha=alpha, title=title)
 
 
 exportable(PILMask.create)
@@ -299,9 +299,9 @@ class TensorMask(torch.Tensor):
     "A mask `(H, W)` or batch `(N, H, W)` of class codes: moved by the transforms that move its image, resampled nearest-neighbour."
     __torch_function__ = torch._C._disabled_torch_function_impl
 
-    def show(self, ax=None, **kwargs):
-        "Overlay the mask on `ax` (see `show_mask`)."
-        return show_mask(self, ax=ax, **kwargs)
+    def show(self, ax=None, alpha=0.5, title=None, **kwargs):
+        "Overlay the mask on `ax` (see `show_mask`); the image's display options (`cmap`...) are not the mask's."
+        return show_mask(self, ax=ax, alpha=alpha, title=title)
 
 
 def show_mask(m, ax=None, alpha=0.5, cmap='tab20', vmax=None, figsize=None, title=None, **kwargs):
@@ -329,9 +329,9 @@ class TensorPoint(torch.Tensor):
         return t.detach().float().reshape(-1, 2).as_subclass(cls)
 
     def show(self, ax=None, s=40, marker='x', c='red', **kwargs):
-        "Mark the points on `ax` (pixel coordinates: what decoding gives)."
+        "Mark the points on `ax` (pixel coordinates: what decoding gives); the image's display options are not the points'."
         p = self.as_subclass(torch.Tensor).detach().cpu().reshape(-1, 2)
-        ax.scatter(p[:, 0] - 0.5, p[:, 1] - 0.5, s=s, marker=marker, c=c, **kwargs)   # imshow puts pixel i's centre at i
+        ax.scatter(p[:, 0] - 0.5, p[:, 1] - 0.5, s=s, marker=marker, c=c)   # imshow puts pixel i's centre at i
         return ax
 
 
