@@ -112,7 +112,9 @@ __all__ = ['timm',
            'cnn_learner',
            'ModelSummary',
            'FlipInputs',
-           'flip_tta']
+           'flip_tta',
+           'bn_bias_params',
+           'WeightDecayMask']
 
 # %% nbs/06a_vision_learner.ipynb (id: 96c8f254)
 import functools, os, warnings
@@ -128,11 +130,13 @@ except ImportError: timm = None
 
 import exp.callbacks                                   # Learner.to_fp16, to_bf16, to_channelslast (03b)
 import exp.schedules                                  # Learner.fit_one_cycle (03a), which fine_tune uses
+from exp.core import defaults
 from exp.core import exportable, listify, patch
 from exp.hooks import hook_outputs
 from exp.xresnet import xresnet18, xresnet34, xresnet50, xresnet_mini, xresnet_small
 from exp.torch_core import Flatten
 from exp.callback_core import Callback
+from exp.minibatch import Optimizer
 from exp.learner import Learner, torch_adamw
 from exp.vision import Normalize, imagenet_stats
 
@@ -550,7 +554,7 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
                    lr=1e-3, splitter=None, cbs=None, metrics=None, path=None, model_dir='models', wd=None,
                    moms=(0.95, 0.85, 0.95), train_bn=True, cut=None, init=nn.init.kaiming_normal_, custom_head=None,
                    concat_pool=True, pool=True, lin_ftrs=None, ps=0.5, first_bn=True, bn_final=False, lin_first=False,
-                   y_range=None, n_in=None, arch_kwargs=None, **kwargs):
+                   y_range=None, n_in=None, arch_kwargs=None, wd_bn_bias=False, **kwargs):
     "A `Learner` for images: `arch`'s body (a function, or a timm model's name; pretrained: True, False or a weights file) and a new head; frozen if pretrained."
     if n_in is None: n_in = _first_batch(dls)[0].shape[1]
     if n_out is None: n_out = getattr(dls, 'c', None)
@@ -572,7 +576,7 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
     learn = Learner(dls, model, loss_func=loss_func if loss_func is not None else getattr(dls, 'loss_func', None) or nn.CrossEntropyLoss(),
                     opt_func=opt_func, lr=lr, splitter=splitter or meta.get('split', default_split), cbs=cbs,
                     metrics=metrics, path=path, model_dir=model_dir, wd=wd, moms=moms)
-    learn.train_bn = train_bn
+    learn.train_bn, learn.wd_bn_bias = train_bn, wd_bn_bias
     if pretrained is not False: learn.freeze()
     return learn
 
@@ -704,3 +708,67 @@ def flip_tta(learn, ds_idx=1, dl=None):
 
 # %% nbs/06a_vision_learner.ipynb (id: bab887a1)
 
+
+# %% nbs/06a_vision_learner.ipynb (id: f42bf5bd)
+def bn_bias_params(model):
+    "The parameters fastai's `wd_bn_bias=False` spares from weight decay: those of normalisation layers, and every bias."
+    norm, seen, res = _norm_params(model), set(), []
+    for n, p in model.named_parameters():
+        if (id(p) in norm or n.rsplit('.', 1)[-1] == 'bias') and id(p) not in seen: seen.add(id(p)); res.append(p)
+    return res
+
+
+def _decoupled(opt, group):
+    "Whether torch optimizer `opt` decays weights directly (AdamW) rather than through the gradient (L2: torch's SGD, Adam...)."
+    return isinstance(opt, torch.optim.AdamW) or bool(group.get('decoupled_weight_decay', False))
+
+
+def _unscaled(learn):
+    "Unscale the gradients now if an fp16 GradScaler holds them scaled (L2 adds `wd * p` to true gradients)."
+    for cb in learn.cbs:
+        sc = getattr(cb, 'scaler', None)
+        if sc is not None and sc.is_enabled():
+            try: sc.unscale_(learn.opt)
+            except RuntimeError: pass                  # already unscaled in this step (GradientClip does it)
+
+# %% nbs/06a_vision_learner.ipynb (id: 5836d3d1)
+class WeightDecayMask(Callback):
+    "Default callback: unless `learn.wd_bn_bias`, no weight decay on normalisation layers' parameters and biases (fastai's default), for exp's and torch's optimizers."
+    order = 90                                       # the last of before_step
+
+    def before_fit(self, learn):
+        self.spared = set() if getattr(learn, 'wd_bn_bias', False) else {id(p) for p in bn_bias_params(learn.model)}
+        self._done = []
+        if isinstance(learn.opt, Optimizer):           # exp's optimizers: their steppers read `do_wd` per parameter
+            for g in learn.opt.param_groups:
+                for p in g['params']: learn.opt.state[p]['do_wd'] = id(p) not in self.spared
+
+    def before_step(self, learn):
+        opt = learn.opt
+        if not self.spared or opt is None or isinstance(opt, Optimizer): return
+        for g in opt.param_groups:
+            wd = float(g.get('weight_decay', 0) or 0)
+            if not wd: continue
+            ps = [p for p in g['params'] if p.grad is not None and id(p) not in self.spared]
+            decoupled = _decoupled(opt, g)
+            if ps and not decoupled: _unscaled(learn)
+            with torch.no_grad():
+                if ps and decoupled: torch._foreach_mul_(ps, 1 - float(g['lr']) * wd)
+                elif ps: torch._foreach_add_([p.grad for p in ps], ps, alpha=wd)
+            g['weight_decay'] = 0.
+            self._done.append((g, wd, ps, decoupled))
+
+    def after_step(self, learn):
+        for g, wd, _, _ in self._done: g['weight_decay'] = wd
+        self._done = []
+
+    def after_cancel_step(self, learn):
+        "The step did not happen: undo the decay applied by hand, and put the groups' weight decay back."
+        with torch.no_grad():
+            for g, wd, ps, decoupled in self._done:
+                if ps and decoupled: torch._foreach_div_(ps, 1 - float(g['lr']) * wd)
+                elif ps: torch._foreach_add_([p.grad for p in ps], ps, alpha=-wd)
+        self.after_step(learn)
+
+
+if WeightDecayMask not in defaults.callbacks: defaults.callbacks.append(WeightDecayMask)
