@@ -688,9 +688,9 @@ def _warn_all(warns):
 
 
 class TfmdDL:
-    "Batches of `dataset`: `after_item` per sample (in `num_workers` processes), collated, moved to `device`, then `after_batch`."
+    "Batches of `dataset`: `after_item` per sample (in `num_workers` processes), `before_batch` on the list, collated, moved to `device`, then `after_batch`."
     def __init__(self, dataset, bs=64, shuffle=False, drop_last=False, num_workers=None, device=None, after_item=None,
-                 after_batch=None, split_idx=None, pin_memory=None, skip_errors=False):
+                 after_batch=None, split_idx=None, pin_memory=None, skip_errors=False, before_batch=None):
         if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1: raise ValueError(f'bs={bs!r}: a batch size is a whole number, at least 1')
         self.dataset, self.bs, self.shuffle, self.drop_last = dataset, bs, shuffle, drop_last
         self.num_workers = defaults.num_workers if num_workers is None else num_workers
@@ -699,6 +699,7 @@ class TfmdDL:
         self.split_idx = split_idx if split_idx is not None else getattr(dataset, 'split_idx', None)
         self.device = resolve_device(device)
         self.pin_memory, self.skip_errors = pin_memory, skip_errors
+        self.before_batch = before_batch    # a function of the list of samples, before they are collated (fastai's bb_pad)
         self._types = None          # the types of the elements of this loader's batches, once one was made
 
     @property
@@ -725,6 +726,7 @@ class TfmdDL:
             except Exception as e:
                 if not self.skip_errors: raise
                 warns.append(f'skipped item {i}: {type(e).__name__}: {e}')
+        if items and self.before_batch is not None: items = self.before_batch(items)
         return (collate_samples(items) if items else None), warns
 
     def finish_batch(self, b):
@@ -769,7 +771,7 @@ class TfmdDL:
         "A copy of this loader, over `dataset` (default: the same) and with `kwargs` changed."
         args = dict(bs=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, num_workers=self.num_workers,
                     device=self.device, after_item=self.after_item, after_batch=self.after_batch, split_idx=self.split_idx,
-                    pin_memory=self.pin_memory, skip_errors=self.skip_errors)
+                    pin_memory=self.pin_memory, skip_errors=self.skip_errors, before_batch=self.before_batch)
         args.update(kwargs)
         res = type(self)(self.dataset if dataset is None else dataset, **args)
         res._types = self._types
@@ -1133,9 +1135,10 @@ class TfmdDataLoaders(DataLoaders):
 
 # %% nbs/04_datablock.ipynb (id: f55d805c)
 class TransformBlock:
-    "What a `DataBlock` needs to know about one element of a sample: `type_tfms`, and the `item_tfms`/`batch_tfms` it requires."
-    def __init__(self, type_tfms=None, item_tfms=None, batch_tfms=None):
+    "What a `DataBlock` needs to know about one element of a sample: `type_tfms`, the `item_tfms`/`batch_tfms` it requires, and what its loaders need (`dl_type`, `dls_kwargs` such as `before_batch`)."
+    def __init__(self, type_tfms=None, item_tfms=None, batch_tfms=None, dl_type=None, dls_kwargs=None):
         self.type_tfms, self.item_tfms, self.batch_tfms = L(type_tfms), L(item_tfms), L(batch_tfms)
+        self.dl_type, self.dls_kwargs = dl_type, dict(dls_kwargs or {})
 
 
 def CategoryBlock(vocab=None, sort=True, add_na=False):
@@ -1185,6 +1188,8 @@ class DataBlock:
         self.item_tfms = _merge_tfms(self.default_item_tfms, item_tfms)
         self.batch_tfms = _merge_tfms(self.default_batch_tfms, batch_tfms)
         self.get_items, self.splitter = get_items, splitter
+        self.dl_type = next((b.dl_type for b in reversed(self.blocks) if getattr(b, 'dl_type', None) is not None), None)
+        self.dls_kwargs = {k: v for b in self.blocks for k, v in (getattr(b, 'dls_kwargs', None) or {}).items()}
         self.getters = list(getters) if getters is not None else [None] * len(self.blocks)
         if get_x is not None:
             for i, g in enumerate(listify(get_x) if self.n_inp > 1 else [get_x]): self.getters[i] = g
@@ -1222,7 +1227,7 @@ class DataBlock:
         dsets = self.datasets(source, verbose=verbose)
         return dataloaders_from_dsets(dsets, self.item_tfms, self.batch_tfms, path=path, bs=bs, val_bs=val_bs,
                                       shuffle=shuffle, num_workers=num_workers, device=device, skip_errors=skip_errors,
-                                      dls_type=dls_type or TfmdDataLoaders)
+                                      dls_type=dls_type or TfmdDataLoaders, dl_type=self.dl_type, **self.dls_kwargs)
 
     def summary(self, source, bs=4, show_batch=False, **kwargs):
         "Walk one sample through every step (getting items, splitting, each transform, collating), printing what each gives; say where it breaks."
@@ -1231,18 +1236,19 @@ class DataBlock:
 
 def dataloaders_from_dsets(dsets, item_tfms=None, batch_tfms=None, path='.', bs=64, val_bs=None, shuffle=True,
                            num_workers=None, device=None, skip_errors=False, dls_type=None, valid_item_tfms=None,
-                           valid_batch_tfms=None):
-    "`DataLoaders` over `dsets.train` (shuffled) and `dsets.valid`, with item/batch transforms (valid ones may differ)."
+                           valid_batch_tfms=None, dl_type=None, before_batch=None):
+    "`DataLoaders` over `dsets.train` (shuffled) and `dsets.valid` (loaders of class `dl_type`), with item/batch transforms (valid ones may differ), `before_batch` before collating."
     if not len(dsets.splits[0]): raise ValueError('no training items: check the splitter (and the folder names it expects)')
     norm = [t for t in listify(batch_tfms) if isinstance(t, Normalize) and t.mean is None]
     batch_tfms = [t for t in listify(batch_tfms) if not any(t is n for n in norm)]
     vi, vb = ifnone(valid_item_tfms, item_tfms), ifnone(valid_batch_tfms, batch_tfms)
-    common = dict(num_workers=num_workers, device=device, skip_errors=skip_errors)
+    common = dict(num_workers=num_workers, device=device, skip_errors=skip_errors, before_batch=before_batch)
+    dl_type = dl_type or TfmdDL
     train = dsets.train
-    trn = TfmdDL(train, bs=bs, shuffle=shuffle, drop_last=shuffle and len(train) > bs, after_item=item_tfms,
+    trn = dl_type(train, bs=bs, shuffle=shuffle, drop_last=shuffle and len(train) > bs, after_item=item_tfms,
                  after_batch=batch_tfms, split_idx=0, **common)
     valid = dsets.valid if len(dsets.splits) > 1 else Datasets([], tfms=dsets.tfms, n_inp=dsets.n_inp, do_setup=False, split_idx=1)
-    val = TfmdDL(valid, bs=val_bs or bs, after_item=vi, after_batch=vb, split_idx=1, **common)
+    val = dl_type(valid, bs=val_bs or bs, after_item=vi, after_batch=vb, split_idx=1, **common)
     dls = (dls_type or TfmdDataLoaders)(trn, val, path=path)
     for t in list(trn.after_item) + list(trn.after_batch):    # transforms that learn from the loader (PointScaler's `c`)
         if hasattr(t, 'setups_dl') and len(train): t.setups_dl(trn)
@@ -1292,7 +1298,8 @@ def _summary(dblock, source, bs, show_batch, **kwargs):
             except _Step as s: where = f'{s.where} in the pipeline of element {k} ({p})'; raise s.err
         sample = tuple(sample)
         print(f'\nFinal sample: {_short(sample)}\n')
-        dls = dataloaders_from_dsets(dsets, dblock.item_tfms, dblock.batch_tfms, bs=bs, num_workers=0, **kwargs)
+        dls = dataloaders_from_dsets(dsets, dblock.item_tfms, dblock.batch_tfms, bs=bs, num_workers=0,
+                                     dl_type=dblock.dl_type, **{**dblock.dls_kwargs, **kwargs})
         dl = dls.train
         print(f'Collecting items into a batch of {bs}')
         print('Applying item_tfms to the first sample:')
@@ -1304,6 +1311,7 @@ def _summary(dblock, source, bs, show_batch, **kwargs):
         where = 'building the other samples of the batch'
         items_ = [first] + [dl.create_item(i) for i in idxs[1:]]
         where = 'collating the samples into a batch'
+        if dl.before_batch is not None: items_ = dl.before_batch(items_)
         b = collate_samples(items_)
         print(f'Collating items in a batch: {_short(b)}')
         print('\nApplying batch_tfms to the batch built')
