@@ -30,11 +30,27 @@ Run (the script sets .bench-venv up by itself the first time, unless --no-setup)
     .venv/bin/python bench/data.py                          # workers 0 and 2, 60k images, 2 repeats
     .venv/bin/python bench/data.py --workers 2 --max-images 10000 --repeats 3
     .venv/bin/python bench/data.py --frameworks exp-v2 torchvision --profile   # + a cProfile of exp's pass
+    .venv/bin/python bench/data.py --diagnose --workers 0 1 2                  # workers x main threads, see below
 If fastai cannot be installed or imported, the script says so and benchmarks the rest.
+
+Why more workers can lose on a small machine (issue 18), measured by
+    .venv/bin/python bench/data.py --diagnose --workers 0 1 2 --main-threads 1 2 --repeats 3
+exp-v2's loader alone, and training the quickstart's conv net (and xresnet_mini) through exp's Learner on its batches,
+for every pair (worker processes, torch threads in the main process), in turns, with the seconds to the first batch
+(worker start-up: a fork and the first batch's IPC) and CPU accounting: the main process's CPU time against the wall
+time, the workers' CPU time (reaped children), and CPU microseconds per image over both (above the 0-worker figure:
+what the workers cost in fork, pickling and shared-memory IPC of each batch). What it showed on the 2-core machine
+(busy, load 2-3, 10k images): loading with 2 workers and 1 main thread ran 1.5-2x faster than without workers, with
+the main process at ~10% of a core; the same 2 workers with 2 torch threads in the main process lost most of that
+(the main process at 50-120% of a core although it only unpickles and normalises batches: GNU OpenMP threads spin
+after each parallel op, and a spinning thread takes the core a worker needs; OMP_WAIT_POLICY=passive removes the
+spinning but slows the training ops). Training the quickstart net on 10k images: 1 main thread + 1 or 2 workers
+9.1-9.7k images/s; 2 main threads + 1 or 2 workers 4.9-5.6k; 0 workers 6.3-7.0k (1 thread), 8.2k (2 threads).
+Rule: torch threads in the main process + worker processes <= cores (the machine's idle cores when it is shared).
 """
 from __future__ import annotations
 
-import argparse, os, subprocess, sys, time
+import argparse, os, statistics, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +178,110 @@ def warm_cache(path):
     return time.perf_counter() - t0, n
 
 
+# ------------------------------------------------------------------ --diagnose: workers vs main-process threads
+class _Capped:
+    "The first `n_batches` batches of `dl` (a Learner needs `len`)."
+    def __init__(self, dl, n_batches): self.dl, self.n_batches = dl, n_batches
+    def __len__(self): return min(self.n_batches, len(self.dl))
+    def __iter__(self):
+        for i, b in enumerate(self.dl):
+            if i >= len(self): return
+            yield b
+
+
+def _cpu_children():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)          # reaped children: the workers of finished passes
+    return r.ru_utime + r.ru_stime
+
+
+def _diag_run(dl0, workers, threads, n_images, model, device):
+    """One pass of exp-v2's loader with `workers` worker processes and `threads` torch threads in the main process,
+    loading only (`model` None) or training `model` (a fresh one) through exp's Learner on the batches. Returns a dict:
+    images/s, seconds to the first batch, main-process CPU seconds, workers' CPU seconds, images."""
+    import torch
+    from torch import nn
+    torch.set_num_threads(threads)
+    dl = _Capped(dl0.new(num_workers=workers), max(1, n_images // dl0.bs))
+    kid0, cpu0, t0 = _cpu_children(), time.process_time(), time.perf_counter()
+    first, n = None, 0
+    if model is None:
+        for xb, yb in dl:
+            if first is None: first = time.perf_counter() - t0
+            n += len(xb)
+    else:
+        from exp.callback_core import Callback
+        from exp.learner import Learner
+        from exp.minibatch import DataLoaders
+        import exp.callbacks                                      # noqa: F401  (to_fp32)
+        class First(Callback):
+            def before_batch(self, learn):
+                nonlocal first, n
+                if first is None: first = time.perf_counter() - t0
+                n += len(learn.xb[0])
+        torch.manual_seed(0)
+        learn = Learner(DataLoaders(dl), DIAG_MODELS[model](), loss_func=nn.CrossEntropyLoss(), lr=1e-2, device=device,
+                        cbs=First())
+        learn.to_fp32()                                           # whatever precision the Learner would pick by itself
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    wall = time.perf_counter() - t0
+    main_cpu = time.process_time() - cpu0
+    return dict(rate=n / wall, first=first, main_cpu=main_cpu, wall=wall, kids=_cpu_children() - kid0, n=n)
+
+
+def _convnet():
+    from exp.convolutions import mnist_convnet
+    return mnist_convnet()
+
+
+def _xresnet_mini():
+    from exp.xresnet import xresnet_mini
+    return xresnet_mini(c_in=1, n_out=10)
+
+
+DIAG_MODELS = {'convnet': _convnet, 'xresnet_mini': _xresnet_mini}
+
+
+def diagnose(path, args):
+    """Why extra worker processes do not pay on a small machine: every (workers, main-process threads) pair, loading
+    only and training the quickstart's model (and xresnet_mini) on the batches, timed in turns with CPU accounting."""
+    import torch
+    from exp.core import defaults, num_cpus
+    dl0 = make_exp_v2(path, args.bs, 0, args.device)
+    n_img = args.max_images or 20_000
+    combos = [(w, t) for w in args.workers for t in args.main_threads]
+    modes = ['load'] + [m for m in args.train_models if m]
+    for m in modes[1:]: _diag_run(dl0, 0, max(args.main_threads), 2 * args.bs, m, args.device)    # warm-up (oneDNN)
+    print(f'\n--diagnose: {n_img} images per pass, bs {args.bs}, {num_cpus()} CPUs (defaults.num_workers = '
+          f'{defaults.num_workers}), {args.repeats} interleaved repeat(s); load average {os.getloadavg()[0]:.2f}', flush=True)
+    res = {}
+    for rep in range(args.repeats):
+        jobs = [(mode, w, t) for mode in modes for w, t in combos]
+        k = (rep * 5) % len(jobs)
+        for mode, w, t in jobs[k:] + jobs[:k]:
+            r = _diag_run(dl0, w, t, n_img, None if mode == 'load' else mode, args.device)
+            res.setdefault((mode, w, t), []).append(r)
+            print(f'  {mode:12s} workers={w} threads={t}: {r["rate"]:8,.0f} images/s, first batch {1e3 * r["first"]:5.0f} ms, '
+                  f'main CPU {r["main_cpu"]:5.2f} s, workers CPU {r["kids"]:5.2f} s (load {os.getloadavg()[0]:.2f})', flush=True)
+    torch.set_num_threads(args.threads)
+    print('\n| mode | workers | main threads | images/s (best) | median | first batch ms | main process CPU / wall '
+          '| workers CPU s | CPU us/image |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    for mode in modes:
+        for w, t in combos:
+            rs = res[mode, w, t]
+            b = max(rs, key=lambda r: r['rate'])
+            print(f'| {mode} | {w} | {t} | {b["rate"]:,.0f} | {statistics.median(r["rate"] for r in rs):,.0f} | '
+                  f'{1e3 * b["first"]:.0f} | {100 * b["main_cpu"] / b["wall"]:.0f}% | {b["kids"]:.2f} | '
+                  f'{1e6 * (b["main_cpu"] + b["kids"]) / b["n"]:.0f} |')
+        best = max(combos, key=lambda c: max(r['rate'] for r in res[mode, c[0], c[1]]))
+        print(f'| {mode}: fastest | {best[0]} | {best[1]} | | | | | | |')
+    print('\nReading it: "main process CPU / wall" near 100% with workers means the main process is busy (training, or '
+          'OpenMP threads spinning between ops: with 2 torch threads in the main process it stays ~50-120% even when '
+          'it only receives batches); "CPU us/image" above the 0-worker figure is what workers cost '
+          '(fork, pickling and shared-memory IPC of each batch, a busier scheduler).')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--workers', type=int, nargs='+', default=[0, 2], help='worker processes (each value is run for all)')
@@ -174,6 +294,11 @@ def main():
     ap.add_argument('--setup', action='store_true', help='create .bench-venv with fastai and exit')
     ap.add_argument('--no-setup', action='store_true', help='do not try to install fastai')
     ap.add_argument('--profile', action='store_true', help="print a cProfile of exp-v2's first pass (no workers)")
+    ap.add_argument('--diagnose', action='store_true',
+                    help='exp-v2 only: every (--workers, --main-threads) pair, loading and training, with CPU accounting')
+    ap.add_argument('--main-threads', type=int, nargs='+', default=[1, 2], help='--diagnose: torch threads in the main process')
+    ap.add_argument('--train-models', nargs='*', default=['convnet', 'xresnet_mini'], choices=list(DIAG_MODELS),
+                    help='--diagnose: models trained on the batches (none: loading only)')
     ap.add_argument('--child', choices=list(FRAMEWORKS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.setup:
@@ -182,6 +307,11 @@ def main():
     torch.set_num_threads(args.threads)
     from exp.data import URLs, untar_data
     path = untar_data(URLs.FASHION_MNIST_PNG)
+    if args.diagnose:
+        secs, nbytes = warm_cache(path)
+        print(f'python {sys.executable}; torch {torch.__version__}; {os.cpu_count()} CPUs; page cache warmed '
+              f'({nbytes / 1e6:.0f} MB in {secs:.1f} s)', flush=True)
+        return diagnose(path, args)
     if args.child:                                       # one pass in this fresh process (fastai)
         t0 = time.perf_counter()
         dl = FRAMEWORKS[args.child](path, args.bs, args.workers[0], args.device)
