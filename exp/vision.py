@@ -13,6 +13,8 @@ __all__ = ['ImageReadError',
            'TensorMask',
            'show_mask',
            'TensorPoint',
+           'TensorBBox',
+           'LabeledBBox',
            'ResizeMethod',
            'PadMode',
            'Resize',
@@ -42,6 +44,11 @@ __all__ = ['ImageReadError',
            'MaskBlock',
            'PointScaler',
            'PointBlock',
+           'clip_remove_empty',
+           'bb_pad',
+           'BBoxLabeler',
+           'BBoxBlock',
+           'BBoxLblBlock',
            'SegmentationDataLoaders']
 
 # %% nbs/04a_vision.ipynb (id: 7afa4b18)
@@ -58,7 +65,7 @@ import torch.nn.functional as F
 from exp.core import L, defaults, exportable, listify, parallel
 from exp.data import download_url
 from exp.losses import CrossEntropyLossFlat, MSELossFlat
-from exp.datablock import (CategoryBlock, CategoryMap, DataBlock, get_grid, get_image_files, GrandparentSplitter,
+from exp.datablock import (CategoryBlock, CategoryMap, MultiCategorize, DataBlock, get_grid, get_image_files, GrandparentSplitter,
                            image_extensions, Normalize, parent_label, RandomSplitter, RegexLabeller, TensorImageBase,
                            TfmdDataLoaders, Transform, TransformBlock)
 
@@ -337,6 +344,51 @@ class TensorPoint(torch.Tensor):
 
 exportable(TensorPoint.create)
 
+
+def _pairs(p, n=None):
+    "Points or boxes `p` as plain `(x, y)` pairs: `(n_pairs, 2)`, or `(n, n_pairs, 2)` for a batch of `n`."
+    t = p.as_subclass(torch.Tensor)
+    return t.reshape(-1, 2) if n is None else t.reshape(n, -1, 2)
+
+
+def _like(t, p):
+    "Pairs `t` back in the shape and type of points or boxes `p`."
+    return t.reshape(p.shape).as_subclass(type(p))
+
+
+@exportable
+class TensorBBox(TensorPoint):
+    "Boxes `(n, 4)` as `[x0, y0, x1, y1]` (pixel edges, as PIL's boxes), or `(N, n, 4)`: moved with the image by their corners."
+    @classmethod
+    def create(cls, t, img_size=None):
+        "Boxes from `[x0, y0, x1, y1]` lists (or a flat list, an array or a tensor) as an `(n, 4)` float tensor."
+        t = t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t, dtype=np.float32))
+        if t.numel() % 4: raise ValueError(f'TensorBBox: {t.numel()} numbers are not [x0, y0, x1, y1] boxes: {t.tolist()}')
+        return t.detach().float().reshape(-1, 4).as_subclass(cls)
+
+    def show(self, ax=None, color='red', lw=1.5, **kwargs):
+        "Draw the boxes on `ax` (pixel coordinates: what decoding gives)."
+        from matplotlib.patches import Rectangle
+        for i, (x0, y0, x1, y1) in enumerate(self.as_subclass(torch.Tensor).detach().cpu().reshape(-1, 4).tolist()):
+            ax.add_patch(Rectangle((x0 - .5, y0 - .5), x1 - x0, y1 - y0, fill=False, color=color, lw=lw))
+            lbl = getattr(self, 'lbl', None)
+            if lbl is not None: ax.text(x0 - .5, y0 - .5, str(lbl[i]), color='white', fontsize=7, va='bottom',
+                                        bbox=dict(facecolor=color, alpha=0.7, pad=0.5, lw=0))
+        return ax
+
+
+exportable(TensorBBox.create)
+
+
+class LabeledBBox(TensorBBox):
+    "Decoded boxes with their labels' names in `lbl`: each box shows with its label."
+    @classmethod
+    def create(cls, bbox, lbl):
+        "Boxes `bbox` (n, 4) labelled `lbl` (n names)."
+        res = TensorBBox.create(bbox).as_subclass(cls)
+        res.lbl = list(lbl)
+        return res
+
 # %% nbs/04a_vision.ipynb (id: aba16823)
 class ResizeMethod:
     "How `Resize` fits an image to its size: crop, squish or pad."
@@ -375,11 +427,11 @@ def _pil_size(b):
 
 
 def _move_points(p, src, box, out, offset=(0, 0)):
-    "Points `p` (pixels) of a `src` (W, H) image after PIL's `resize(out, box=box)` then a shift by `offset`."
+    "Points or boxes `p` (pixels) of a `src` (W, H) image after PIL's `resize(out, box=box)` then a shift by `offset`."
     if src is None: raise ValueError('points need their image in the same sample: the transform takes its size from it')
     (l, t, r, b), (w, h) = box, out
     scale = torch.tensor([w / (r - l), h / (b - t)])
-    return ((p.as_subclass(torch.Tensor) - torch.tensor([l, t])) * scale + torch.tensor(offset, dtype=torch.float32)).as_subclass(TensorPoint)
+    return _like((_pairs(p) - torch.tensor([l, t])) * scale + torch.tensor(offset, dtype=torch.float32), p)
 
 
 @exportable
@@ -543,7 +595,13 @@ def warp_images(x, mat, size=None, mode='bilinear', pad_mode='reflection', align
 
 
 def warp_points(p, mat, hw, size=None, align_corners=True):
-    "Points `p` (N, n, 2) in [-1, 1] of (h, w) = `hw` images, moved where `warp_images(x, mat, size)` moves their pixels."
+    "Points `p` (N, n, 2) in [-1, 1] of (h, w) = `hw` images, moved where `warp_images(x, mat, size)` moves their pixels; boxes (N, n, 4) by their four corners."
+    if isinstance(p, TensorBBox):                      # a box's image: the box around its corners' images
+        b = p.as_subclass(torch.Tensor)
+        corners = torch.stack([b[..., [0, 1]], b[..., [0, 3]], b[..., [2, 1]], b[..., [2, 3]]], -2)   # (N, n, 4, 2)
+        q = warp_points(corners.reshape(b.shape[0], -1, 2).as_subclass(TensorPoint), mat, hw, size, align_corners)
+        q = q.as_subclass(torch.Tensor).reshape(corners.shape)
+        return torch.cat([q.min(-2)[0], q.max(-2)[0]], -1).as_subclass(type(p))
     h, w = hw
     oh, ow = _pair(size) if size is not None else (h, w)
     pt = p.as_subclass(torch.Tensor).float()
@@ -791,7 +849,7 @@ class RandPad(Transform):
             (h, w), (r, q) = self._hw, self._offsets
             shift = torch.stack([p - q, p - r], -1).to(x.device, torch.float32)[:, None]
             size, out = torch.tensor([w, h], device=x.device), torch.tensor([ow, oh], device=x.device)
-            return (((x.as_subclass(torch.Tensor) + 1) * size / 2 + shift) * 2 / out - 1).as_subclass(TensorPoint)
+            return _like(((_pairs(x, x.shape[0]) + 1) * size / 2 + shift) * 2 / out - 1, x)
         if isinstance(x, TensorMask): return self.encodes(x.as_subclass(TensorImage)[:, None]).as_subclass(torch.Tensor)[:, 0].as_subclass(TensorMask)
         xt = x.as_subclass(torch.Tensor)
         xf = xt if xt.is_floating_point() else xt.float()
@@ -952,13 +1010,12 @@ class PointScaler(Transform):
         return torch.tensor(self._sz, dtype=torch.float32) / 2
 
     def encodes(self, p):
-        if self.y_first: p = p.as_subclass(torch.Tensor).flip(-1)
-        if not self.do_scale: return p.as_subclass(TensorPoint)
-        return (p.as_subclass(torch.Tensor) / self._scale() - 1).as_subclass(TensorPoint)
+        t = _pairs(p).flip(-1) if self.y_first else _pairs(p)
+        return _like(t / self._scale() - 1 if self.do_scale else t, p)
 
     def decodes(self, p):
-        p = p.as_subclass(torch.Tensor).reshape(-1, 2)
-        return (((p + 1) * self._scale()) if self.do_scale else p).as_subclass(TensorPoint)
+        t = (_pairs(p) + 1) * self._scale() if self.do_scale else _pairs(p)
+        return t.reshape(-1, 4 if isinstance(p, TensorBBox) else 2).as_subclass(type(p))
 
     def decode(self, x, split_idx=None):
         "Undo the scaling of the points in sample `x` with its image's size."
@@ -970,6 +1027,56 @@ class PointScaler(Transform):
 def PointBlock():
     "A `TransformBlock` for points `(x, y)` in pixels (`TensorPoint`), scaled to [-1, 1] and moved with their image."
     return TransformBlock(type_tfms=TensorPoint.create, item_tfms=[PointScaler()])
+
+# %% nbs/04a_vision.ipynb (id: fbc8ba59)
+def clip_remove_empty(bbox, label):
+    "Boxes `bbox` (n, 4, in [-1, 1]) clipped to the image, and those left without area dropped with their `label`s."
+    b = bbox.as_subclass(torch.Tensor).clamp(-1, 1)
+    keep = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) > 0
+    return b[keep].as_subclass(type(bbox)), label[keep]
+
+
+@exportable
+def bb_pad(samples, pad_idx=0):
+    "fastai's `before_batch` for boxes: in each `(image, boxes, labels)` sample, boxes clipped and empty ones dropped, then all padded to the batch's largest count (boxes with zeros, labels with `pad_idx`)."
+    if len(samples[0]) < 3: return samples              # images alone (a test_dl's): nothing to pad
+    samples = [(s[0], *clip_remove_empty(*s[1:3]), *s[3:]) for s in samples]
+    n = max(len(s[2]) for s in samples)
+    def pad(img, b, lbl, *rest):
+        b = torch.cat([b.as_subclass(torch.Tensor), torch.zeros(n - len(b), 4)]).as_subclass(type(b))
+        return (img, b, torch.cat([lbl, torch.full((n - len(lbl),), pad_idx, dtype=lbl.dtype)]), *rest)
+    return [pad(*s) for s in samples]
+
+
+@exportable
+class BBoxLabeler(Transform):
+    "Item transform of box labels: decodes a sample's boxes and label indices (padding dropped) into a `LabeledBBox` and its labels."
+    order = 0                                             # decoded last, after PointScaler gave the boxes back in pixels
+
+    def __init__(self, vocab=None, pad_idx=0): self.vocab, self.pad_idx = (None if vocab is None else list(vocab)), pad_idx
+
+    def setups_dl(self, dl):
+        "Take the labels' names from the loader's vocab."
+        if self.vocab is None and getattr(dl.dataset, 'vocab', None) is not None: self.vocab = list(dl.dataset.vocab)
+
+    def decode(self, x, split_idx=None):
+        "Sample `x` with its boxes (the first `TensorBBox`) and their labels (the element after) named and without padding."
+        i = next((k for k, o in enumerate(x) if isinstance(o, TensorBBox)), None) if isinstance(x, tuple) else None
+        if i is None or i + 1 >= len(x): return x
+        idx = torch.as_tensor(x[i + 1]).reshape(-1).long()
+        keep = idx != self.pad_idx
+        names = [self.vocab[int(k)] if self.vocab is not None else int(k) for k in idx[keep]]
+        return x[:i] + (LabeledBBox.create(x[i].as_subclass(torch.Tensor).reshape(-1, 4)[keep], names), idx[keep]) + x[i + 2:]
+
+
+def BBoxBlock():
+    "A `TransformBlock` for boxes `[x0, y0, x1, y1]` in pixels (`TensorBBox`): scaled to [-1, 1], moved with their image, padded per batch (`bb_pad`)."
+    return TransformBlock(type_tfms=TensorBBox.create, item_tfms=[PointScaler()], dls_kwargs={'before_batch': bb_pad})
+
+
+def BBoxLblBlock(vocab=None, add_na=True):
+    "A `TransformBlock` for the labels of boxes: a list per image (`MultiCategorize`, '#na#' first: the padding), named on the boxes when shown."
+    return TransformBlock(type_tfms=MultiCategorize(vocab=vocab, add_na=add_na), item_tfms=[BBoxLabeler()])
 
 # %% nbs/04a_vision.ipynb (id: 71e33710)
 @exportable

@@ -1,5 +1,5 @@
-"""Targets beyond one label (issue 17, data side): the FASHION_SCENES data set, masks and points through every
-transform, EXIF orientation, and predict/show_results for masks and points.
+"""Targets beyond one label (issue 17, data side): the FASHION_SCENES data set, masks, points and boxes through every
+transform, bb_pad, EXIF orientation, and predict/show_results for masks and points.
 
 Fast (a few seconds): small scene sets written to tmp_path, synthetic images with one marked square."""
 import filecmp, json, random
@@ -17,9 +17,10 @@ import exp.data as D
 import exp.interpret                                 # Learner.predict, show_results
 from exp.datablock import DataBlock, FuncSplitter, IndexSplitter, collate_samples, get_image_files
 from exp.learner import Learner
-from exp.vision import (AffineCoordTfm, Dihedral, Flip, ImageBlock, IntToFloatTensor, MaskBlock, PILImage, PILImageBW,
-                        PILMask, PointBlock, PointScaler, RandPad, RandomResizedCrop, RandomResizedCropGPU, Resize, Rotate,
-                        SegmentationDataLoaders, TensorMask, TensorPoint, ToTensor, Warp, Zoom)
+from exp.vision import (AffineCoordTfm, BBoxBlock, BBoxLabeler, BBoxLblBlock, Dihedral, Flip, ImageBlock, IntToFloatTensor,
+                        LabeledBBox, MaskBlock, PILImage, PILImageBW, PILMask, PointBlock, PointScaler, RandPad, RandomResizedCrop,
+                        RandomResizedCropGPU, Resize, Rotate, SegmentationDataLoaders, TensorBBox, TensorImage, TensorMask,
+                        TensorPoint, ToTensor, Warp, Zoom, bb_pad)
 
 pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities:DeprecationWarning')
 
@@ -222,3 +223,77 @@ def test_mask_and_point_learners(scenes):
     pt, _, out = plearn.predict(singles[0])
     assert type(pt) is TensorPoint and torch.allclose(pt.as_subclass(torch.Tensor), (out.reshape(1, 2) + 1) * 16)
     plearn.show_results(max_n=2)
+
+
+# --- boxes -----------------------------------------------------------------------------------------------------------
+
+def _boxed(W=40, H=30, box=(12, 9, 24, 16)):
+    a = np.zeros((H, W), np.uint8)
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = 1
+    return PILImage.create(np.stack([a * 255] * 3, -1)), PILMask.create(a), TensorBBox.create([box])
+
+
+def _fits(mask, bb, tol=1.):
+    ys, xs = torch.nonzero(torch.as_tensor(mask) == 1, as_tuple=True)
+    x0, y0, x1, y1 = bb.as_subclass(torch.Tensor).reshape(-1).tolist()
+    inside = bool((xs >= x0 - tol).all() and (xs + 1 <= x1 + tol).all() and (ys >= y0 - tol).all() and (ys + 1 <= y1 + tol).all())
+    return inside, (x1 - x0) * (y1 - y0) / len(xs)
+
+
+@pytest.mark.parametrize('tfm', [Resize(32), Resize(24, 'squish'), Resize(32, 'pad', 'zeros'), RandomResizedCrop(24, min_scale=0.6)], ids=repr)
+def test_item_transforms_move_boxes(tfm):
+    random.seed(0)
+    scaler = PointScaler()
+    for _ in range(10):
+        _, mask, bb = scaler.decode(ToTensor()(scaler(tfm(_boxed(), split_idx=0), split_idx=0)))
+        assert type(bb) is TensorBBox
+        inside, ratio = _fits(mask, bb)
+        assert inside and ratio < 1.3
+
+
+@pytest.mark.parametrize('tfm', [Flip(p=1), Dihedral(p=1), Rotate(30, p=1), Warp(0.3, p=1),
+                                 AffineCoordTfm([Zoom(1.2, 1.4, p=1)], size=24), RandPad(3, (30, 40))], ids=lambda t: t.name)
+def test_batch_transforms_move_boxes(tfm):
+    torch.manual_seed(0)
+    scaler = PointScaler()
+    b = IntToFloatTensor()(collate_samples([ToTensor()(scaler(_boxed(), split_idx=0)) for _ in range(8)]))
+    _, masks, bbs = tfm(b, split_idx=0)
+    assert type(bbs) is TensorBBox and bbs.shape == (8, 1, 4)
+    size = torch.tensor([masks.shape[-1], masks.shape[-2]] * 2)
+    for m, bb in zip(masks, bbs):
+        inside, ratio = _fits(m, (bb.as_subclass(torch.Tensor) + 1) * size / 2)
+        assert inside and ratio < (2.5 if tfm.name in ('Rotate', 'Warp') else 1.3)
+
+
+def test_bb_pad_and_labeler():
+    s1 = (TensorImage(torch.zeros(1, 4, 4)), TensorBBox.create([[-0.5, -0.5, 0.5, 0.5], [0.2, 0.2, 1.5, 0.9], [1.2, 0, 1.6, 1]]),
+          torch.tensor([1, 2, 3]))
+    s2 = (TensorImage(torch.zeros(1, 4, 4)), TensorBBox.create([[0, 0, 1, 1]]), torch.tensor([2]))
+    p1, p2 = bb_pad([s1, s2])
+    assert torch.equal(p1[1].as_subclass(torch.Tensor), torch.tensor([[-0.5, -0.5, 0.5, 0.5], [0.2, 0.2, 1., 0.9]]))
+    assert torch.equal(p1[2], torch.tensor([1, 2])) and torch.equal(p2[2], torch.tensor([2, 0]))
+    assert type(p2[1]) is TensorBBox and torch.equal(p2[1].as_subclass(torch.Tensor)[1], torch.zeros(4))
+    img, lb, idx = BBoxLabeler(vocab=['#na#', 'a', 'b']).decode(p2)
+    assert type(lb) is LabeledBBox and lb.lbl == ['b'] and torch.equal(idx, torch.tensor([2]))
+    with pytest.raises(ValueError, match=r'\[x0, y0, x1, y1\]'): TensorBBox.create([1, 2, 3])
+
+
+def test_box_block_on_scenes(scenes):
+    items = json.loads((scenes / 'items.json').read_text())
+    files = get_image_files(scenes / 'images')
+    block = DataBlock(blocks=(ImageBlock(PILImageBW), BBoxBlock, BBoxLblBlock), n_inp=1,
+                      get_y=[lambda o: [it['box'] for it in items[o.name]], lambda o: [it['label'] for it in items[o.name]]],
+                      splitter=FuncSplitter(lambda o: o.name.startswith('valid')), item_tfms=Resize(32))
+    dls = block.dataloaders(files, bs=6, num_workers=0, device='cpu')
+    assert dls.vocab[0] == '#na#'
+    xb, bb, lb = dls.valid.one_batch()
+    counts = [len(items[f.name]) for f in dls.valid_ds.items[:6]]
+    assert (type(bb), bb.shape, lb.shape) == (TensorBBox, (6, max(counts), 4), (6, max(counts)))
+    assert lb.ne(0).sum(1).tolist() == counts
+    dec = dls.valid.decode_batch((xb, bb, lb), max_n=6)
+    for s, f in zip(dec, dls.valid_ds.items[:6]):
+        assert s[1].lbl == [it['label'] for it in items[f.name]]
+        assert torch.allclose(s[1].as_subclass(torch.Tensor), torch.tensor([it['box'] for it in items[f.name]]) / 2, atol=1e-4)
+    assert dls.test_dl(files[:3]).one_batch()[0].shape == (3, 1, 32, 32)     # images alone: bb_pad leaves them be
+    dls.show_batch(max_n=2)
