@@ -26,17 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exp.core import exportable
+from exp.core import exportable, listify
 from exp.hooks import dummy_eval, hook_outputs
 from exp.learner import Learner, torch_adamw
 from exp.losses import CrossEntropyLossFlat
 from exp.metrics import Metric
 from exp.vision_learner import (SigmoidRange, add_norm, apply_init, arch_from_name, create_arch_model, create_body,
-                                default_split, model_meta, sequential_layers)
+                                default_split, model_meta, sequential_layers, WeightDecayMask)
 from exp.xresnet import ResBlock
 
 # %% nbs/06c_segmentation.ipynb (id: 85a2c063)
 NormType = Enum('NormType', 'Batch BatchZero Weight Spectral Instance InstanceZero')
+NormType.__doc__ = "fastai's normalisation choices for a `ConvLayer`: Batch, BatchZero (weight 0), Weight, Spectral, Instance, InstanceZero."
 
 
 def _norm(norm_type, nf, ndim):
@@ -307,7 +308,7 @@ def unet_model(arch, n_out, img_size, n_in=3, cut=None, arch_kwargs=None, norm_t
 # %% nbs/06c_segmentation.ipynb (id: 7548205c)
 def unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, loss_func=None, opt_func=torch_adamw,
                  lr=1e-3, splitter=None, cbs=None, metrics=None, path=None, model_dir='models', wd=None, moms=(0.95, 0.85, 0.95),
-                 train_bn=True, n_in=None, **kwargs):
+                 train_bn=True, wd_bn_bias=False, n_in=None, **kwargs):
     "fastai's `unet_learner`: a `Learner` with a `DynamicUnet` on `arch`'s body, for the masks of `dls`; frozen if pretrained."
     xb = dls.one_batch()[0]
     if n_in is None: n_in = xb.shape[1]
@@ -318,7 +319,7 @@ def unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights
     if normalize and pretrained is True and meta.get('stats') is not None: add_norm(dls, meta['stats'], n_in)
     if loss_func is None: loss_func = getattr(dls, 'loss_func', None) or CrossEntropyLossFlat(axis=1)
     learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter or meta.get('split', default_split),
-                    cbs=cbs, metrics=metrics, path=path, model_dir=model_dir, wd=wd, moms=moms)
-    learn.train_bn = train_bn
+                    cbs=[WeightDecayMask(), *listify(cbs)], metrics=metrics, path=path, model_dir=model_dir, wd=wd, moms=moms)
+    learn.train_bn, learn.wd_bn_bias = train_bn, wd_bn_bias
     if pretrained is not False: learn.freeze()
     return learn

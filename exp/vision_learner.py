@@ -110,11 +110,11 @@ __all__ = ['timm',
            'add_norm',
            'vision_learner',
            'cnn_learner',
+           'bn_bias_params',
+           'WeightDecayMask',
            'ModelSummary',
            'FlipInputs',
-           'flip_tta',
-           'bn_bias_params',
-           'WeightDecayMask']
+           'flip_tta']
 
 # %% nbs/06a_vision_learner.ipynb (id: 96c8f254)
 import functools, os, warnings
@@ -574,7 +574,8 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
             warnings.warn('vision_learner: these loaders take no batch transforms; normalise the images with the pretrained '
                           f'statistics yourself: {meta["stats"]}', stacklevel=2)
     learn = Learner(dls, model, loss_func=loss_func if loss_func is not None else getattr(dls, 'loss_func', None) or nn.CrossEntropyLoss(),
-                    opt_func=opt_func, lr=lr, splitter=splitter or meta.get('split', default_split), cbs=cbs,
+                    opt_func=opt_func, lr=lr, splitter=splitter or meta.get('split', default_split),
+                    cbs=[WeightDecayMask(), *listify(cbs)],
                     metrics=metrics, path=path, model_dir=model_dir, wd=wd, moms=moms)
     learn.train_bn, learn.wd_bn_bias = train_bn, wd_bn_bias
     if pretrained is not False: learn.freeze()
@@ -615,6 +616,67 @@ def freeze(self: Learner):
 def unfreeze(self: Learner):
     "Make every parameter group trainable."
     return self.freeze_to(0)
+
+# %% nbs/06a_vision_learner.ipynb (id: f42bf5bd)
+def bn_bias_params(model):
+    "The parameters fastai's `wd_bn_bias=False` spares from weight decay: those of normalisation layers, and every bias."
+    norm, seen, res = _norm_params(model), set(), []
+    for n, p in model.named_parameters():
+        if (id(p) in norm or n.rsplit('.', 1)[-1] == 'bias') and id(p) not in seen: seen.add(id(p)); res.append(p)
+    return res
+
+
+def _decoupled(opt, group):
+    "Whether torch optimizer `opt` decays weights directly (AdamW) rather than through the gradient (L2: torch's SGD, Adam...)."
+    return isinstance(opt, torch.optim.AdamW) or bool(group.get('decoupled_weight_decay', False))
+
+
+def _unscaled(learn):
+    "Unscale the gradients now if an fp16 GradScaler holds them scaled (L2 adds `wd * p` to true gradients)."
+    for cb in learn.cbs:
+        sc = getattr(cb, 'scaler', None)
+        if sc is not None and sc.is_enabled():
+            try: sc.unscale_(learn.opt)
+            except RuntimeError: pass                  # already unscaled in this step (GradientClip does it)
+
+# %% nbs/06a_vision_learner.ipynb (id: 5836d3d1)
+class WeightDecayMask(Callback):
+    "Added by `vision_learner` and `unet_learner`: unless `learn.wd_bn_bias`, no weight decay on normalisation layers' parameters and biases (fastai's default), for exp's and torch's optimizers."
+    order = 90                                       # the last of before_step
+
+    def before_fit(self, learn):
+        self.spared = set() if getattr(learn, 'wd_bn_bias', False) else {id(p) for p in bn_bias_params(learn.model)}
+        self._done = []
+        if isinstance(learn.opt, Optimizer):           # exp's optimizers: their steppers read `do_wd` per parameter
+            for g in learn.opt.param_groups:
+                for p in g['params']: learn.opt.state[p]['do_wd'] = id(p) not in self.spared
+
+    def before_step(self, learn):
+        opt = learn.opt
+        if not self.spared or opt is None or isinstance(opt, Optimizer): return
+        for g in opt.param_groups:
+            wd = float(g.get('weight_decay', 0) or 0)
+            if not wd: continue
+            ps = [p for p in g['params'] if p.grad is not None and id(p) not in self.spared]
+            decoupled = _decoupled(opt, g)
+            if ps and not decoupled: _unscaled(learn)
+            with torch.no_grad():
+                if ps and decoupled: torch._foreach_mul_(ps, 1 - float(g['lr']) * wd)
+                elif ps: torch._foreach_add_([p.grad for p in ps], ps, alpha=wd)
+            g['weight_decay'] = 0.
+            self._done.append((g, wd, ps, decoupled))
+
+    def after_step(self, learn):
+        for g, wd, _, _ in self._done: g['weight_decay'] = wd
+        self._done = []
+
+    def after_cancel_step(self, learn):
+        "The step did not happen: undo the decay applied by hand, and put the groups' weight decay back."
+        with torch.no_grad():
+            for g, wd, ps, decoupled in self._done:
+                if ps and decoupled: torch._foreach_div_(ps, 1 - float(g['lr']) * wd)
+                elif ps: torch._foreach_add_([p.grad for p in ps], ps, alpha=-wd)
+        self.after_step(learn)
 
 # %% nbs/06a_vision_learner.ipynb (id: 230b8c3c)
 @patch
@@ -708,67 +770,3 @@ def flip_tta(learn, ds_idx=1, dl=None):
 
 # %% nbs/06a_vision_learner.ipynb (id: bab887a1)
 
-
-# %% nbs/06a_vision_learner.ipynb (id: f42bf5bd)
-def bn_bias_params(model):
-    "The parameters fastai's `wd_bn_bias=False` spares from weight decay: those of normalisation layers, and every bias."
-    norm, seen, res = _norm_params(model), set(), []
-    for n, p in model.named_parameters():
-        if (id(p) in norm or n.rsplit('.', 1)[-1] == 'bias') and id(p) not in seen: seen.add(id(p)); res.append(p)
-    return res
-
-
-def _decoupled(opt, group):
-    "Whether torch optimizer `opt` decays weights directly (AdamW) rather than through the gradient (L2: torch's SGD, Adam...)."
-    return isinstance(opt, torch.optim.AdamW) or bool(group.get('decoupled_weight_decay', False))
-
-
-def _unscaled(learn):
-    "Unscale the gradients now if an fp16 GradScaler holds them scaled (L2 adds `wd * p` to true gradients)."
-    for cb in learn.cbs:
-        sc = getattr(cb, 'scaler', None)
-        if sc is not None and sc.is_enabled():
-            try: sc.unscale_(learn.opt)
-            except RuntimeError: pass                  # already unscaled in this step (GradientClip does it)
-
-# %% nbs/06a_vision_learner.ipynb (id: 5836d3d1)
-class WeightDecayMask(Callback):
-    "Default callback: unless `learn.wd_bn_bias`, no weight decay on normalisation layers' parameters and biases (fastai's default), for exp's and torch's optimizers."
-    order = 90                                       # the last of before_step
-
-    def before_fit(self, learn):
-        self.spared = set() if getattr(learn, 'wd_bn_bias', False) else {id(p) for p in bn_bias_params(learn.model)}
-        self._done = []
-        if isinstance(learn.opt, Optimizer):           # exp's optimizers: their steppers read `do_wd` per parameter
-            for g in learn.opt.param_groups:
-                for p in g['params']: learn.opt.state[p]['do_wd'] = id(p) not in self.spared
-
-    def before_step(self, learn):
-        opt = learn.opt
-        if not self.spared or opt is None or isinstance(opt, Optimizer): return
-        for g in opt.param_groups:
-            wd = float(g.get('weight_decay', 0) or 0)
-            if not wd: continue
-            ps = [p for p in g['params'] if p.grad is not None and id(p) not in self.spared]
-            decoupled = _decoupled(opt, g)
-            if ps and not decoupled: _unscaled(learn)
-            with torch.no_grad():
-                if ps and decoupled: torch._foreach_mul_(ps, 1 - float(g['lr']) * wd)
-                elif ps: torch._foreach_add_([p.grad for p in ps], ps, alpha=wd)
-            g['weight_decay'] = 0.
-            self._done.append((g, wd, ps, decoupled))
-
-    def after_step(self, learn):
-        for g, wd, _, _ in self._done: g['weight_decay'] = wd
-        self._done = []
-
-    def after_cancel_step(self, learn):
-        "The step did not happen: undo the decay applied by hand, and put the groups' weight decay back."
-        with torch.no_grad():
-            for g, wd, ps, decoupled in self._done:
-                if ps and decoupled: torch._foreach_div_(ps, 1 - float(g['lr']) * wd)
-                elif ps: torch._foreach_add_([p.grad for p in ps], ps, alpha=-wd)
-        self.after_step(learn)
-
-
-if WeightDecayMask not in defaults.callbacks: defaults.callbacks.append(WeightDecayMask)

@@ -94,6 +94,39 @@ def test_learner_methods_do_not_depend_on_import_order():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+TRAIN_A_PLAIN_LEARNER = """
+import sys, torch
+from torch import nn
+torch.set_num_threads(1)
+if sys.argv[1] == 'all': import exp.all
+from exp.learner import Learner
+from exp.minibatch import fashion_mnist_dls
+torch.manual_seed(0)
+dls = fashion_mnist_dls(bs=64, n_train=512)
+model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), lr=1e-2, wd=0.1)
+with learn.no_logging(): learn.fit(1)
+torch.save(model.state_dict(), sys.argv[2])
+"""
+
+
+def test_a_plain_learner_trains_the_same_whatever_was_imported(tmp_path):
+    "The same Learner, seed and data in two fresh interpreters, one having imported exp.all first: the same weights, exactly.\n\n"
+    "(A default callback registered by a module's import once made this differ: the test suite's one-process runs trained\n"
+    "differently from the same script in a subprocess.)"
+    out = {}
+    for which in ('learner', 'all'):
+        out[which] = tmp_path / f'{which}.pth'
+        r = subprocess.run([PY, '-c', TRAIN_A_PLAIN_LEARNER, which, str(out[which])], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, 'PYTHONPATH': str(ROOT)})
+        assert r.returncode == 0, r.stderr[-2000:]
+    import torch
+    a, b = (torch.load(out[k], weights_only=True) for k in ('learner', 'all'))
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not changed, f'weights differ after importing exp.all: {changed}'
+
+
 def test_public_names_have_docstrings():
     "Every public function and class exported has at least a one-line docstring (the docs need it)."
     missing = []
