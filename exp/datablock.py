@@ -7,6 +7,8 @@ __all__ = ['get_files',
            'RegexLabeller',
            'empty_label_folders',
            'warn_empty_label_folders',
+           'unreadable_label_folders',
+           'warn_unreadable_label_folders',
            'RandomSplitter',
            'GrandparentSplitter',
            'FuncSplitter',
@@ -124,15 +126,40 @@ def empty_label_folders(items):
                     if d.is_dir() and not d.name.startswith('.') and d not in parents and _no_file_in(d)))
 
 
+def _relative(d, root):
+    try: return str(d.relative_to(root)) if root is not None else str(d)
+    except ValueError: return str(d)
+
+
 def warn_empty_label_folders(items, root=None):
     "Warn, naming them (relative to `root`), about the class folders `empty_label_folders(items)` finds."
     empty = empty_label_folders(items)
     if not empty: return
-    def show(d):
-        try: return str(d.relative_to(root)) if root is not None else str(d)
-        except ValueError: return str(d)
-    warnings.warn(f'{len(empty)} empty class folder(s), no images, so no class: {", ".join(show(d) for d in empty[:5])}'
+    warnings.warn(f'{len(empty)} empty class folder(s), no images, so no class: {", ".join(_relative(d, root) for d in empty[:5])}'
                   f'{", ..." if len(empty) > 5 else ""}', stacklevel=3)
+
+
+def unreadable_label_folders(items, open_item):
+    "The folders holding `items` none of whose items `open_item` can open: `{folder: (number of items, the first error)}`."
+    by_folder = {}
+    for o in items: by_folder.setdefault(Path(o).parent, []).append(o)
+    res = {}
+    for d, its in by_folder.items():
+        first = None
+        for o in its:                           # stops at the first item that opens: one open per healthy class
+            try: open_item(o); first = None; break
+            except Exception as e: first = first or e
+        if first is not None: res[d] = (len(its), first)
+    return res
+
+
+def warn_unreadable_label_folders(items, open_item, root=None):
+    "Warn, naming them, about class folders whose items all fail to open (each would be a class the model can never see)."
+    bad = unreadable_label_folders(items, open_item)
+    if not bad: return
+    warnings.warn(f'{len(bad)} class folder(s) with no readable item: ' + '; '.join(
+        f'{_relative(d, root)} ({n} file(s), e.g. {type(e).__name__}: {str(e)[:120]})' for d, (n, e) in list(bad.items())[:5])
+        + ('; ...' if len(bad) > 5 else ''), stacklevel=3)
 
 # %% nbs/04_datablock.ipynb (id: 49f0cf73)
 class RandomSplitter:
@@ -1213,11 +1240,21 @@ class DataBlock:
         splits = (self.splitter or RandomSplitter())(items)
         return items, splits
 
+    def _opener(self):
+        "The first input's getter and type transforms as one function: what opens an item."
+        fs = self._pipelines()[0]
+        def open_item(o):
+            for f in fs: o = f(o)
+            return o
+        return open_item
+
     def datasets(self, source, verbose=False):
         "The `Datasets` of the items `get_items(source)` found, split and set up (the vocab comes from training labels)."
         items, splits = self._items_splits(source)
         if self.getters[self.n_inp] is parent_label:
-            warn_empty_label_folders(items, source if isinstance(source, (str, Path)) else None)
+            root = source if isinstance(source, (str, Path)) else None
+            warn_empty_label_folders(items, root)
+            warn_unreadable_label_folders(items, self._opener(), root)
         if verbose: print(f'Found {len(items)} items; {len(splits)} datasets of sizes {",".join(str(len(s)) for s in splits)}')
         return Datasets(items, tfms=self._pipelines(), splits=splits, n_inp=self.n_inp)
 

@@ -16,7 +16,8 @@ import torch
 
 from exp.core import L, listify
 from exp.datablock import (Categorize, Category, dataloaders_from_dsets, Datasets, get_files, image_extensions,
-                           _mk_tfm, parent_label, Pipeline, RandomSplitter, RegexLabeller, warn_empty_label_folders)
+                           _mk_tfm, parent_label, Pipeline, RandomSplitter, RegexLabeller,
+                           warn_empty_label_folders, warn_unreadable_label_folders)
 from exp.vision import (ImageDataLoaders, IntToFloatTensor, PILImage, PILImageBW, Resize, ResizeMethod, ToTensor,
                         show_image)
 
@@ -157,8 +158,10 @@ class ItemLists:
         return LabelLists(self, func, classes)
 
     def label_from_folder(self, classes=None):
-        "Label each item with the name of its folder (warning about class folders with no file: no class for them)."
-        warn_empty_label_folders(list(self.train.items) + list(self.valid.items), self.path)
+        "Label each item with the name of its folder (warning about class folders with no file or no readable image)."
+        items = list(self.train.items) + list(self.valid.items)
+        warn_empty_label_folders(items, self.path)
+        warn_unreadable_label_folders(items, self.train.img_cls.create, self.path)
         return self.label_from_func(parent_label, classes)
 
     def label_from_re(self, pat, full_path=False, classes=None):
