@@ -381,6 +381,7 @@ def _schedule_loop(pending, running, results, parent, shell, cfg, workers, slow,
                 try:
                     res = run_in_child(shell, path, cfg, slow, threads, send)
                     res.outputs = {k: (n, [_jsonable(o) for o in outs]) for k, (n, outs) in res.outputs.items()}
+                    send({'event': 'cell', 'cell': None})    # the cells are done: sending outputs is no cell's time
                     send({'event': 'done', 'result': res.__dict__})
                 except BaseException as e:                   # a runner bug: still report it
                     send({'event': 'done', 'result': Result(rel(path, cfg['root']), 'failed',
@@ -391,7 +392,7 @@ def _schedule_loop(pending, running, results, parent, shell, cfg, workers, slow,
                     except BaseException: pass
                     os._exit(code)
             os.close(wfd)
-            running[pid] = {'path': path, 'fd': rfd, 'buf': b'', 'cell': None, 'since': time.time(),
+            running[pid] = {'path': path, 'fd': rfd, 'buf': bytearray(), 'cell': None, 'since': time.time(),
                             'start': time.time(), 'log': log, 'result': None}
         fds = {r['fd']: pid for pid, r in running.items()}
         ready, _, _ = select.select(list(fds), [], [], 0.2)
@@ -399,8 +400,10 @@ def _schedule_loop(pending, running, results, parent, shell, cfg, workers, slow,
             pid = fds[fd]; r = running[pid]
             chunk = os.read(fd, 1 << 20)
             if chunk:
-                r['buf'] += chunk
-                *lines, r['buf'] = r['buf'].split(b'\n')
+                r['buf'] += chunk                        # a bytearray: appending is linear in the total, however many chunks
+                if b'\n' not in chunk: continue          # splitting only when a line ends (a pipe gives 64 KiB a read)
+                *lines, rest = bytes(r['buf']).split(b'\n')
+                r['buf'] = bytearray(rest)
                 for line in lines:
                     msg = json.loads(line)
                     if msg['event'] == 'cell': r['cell'], r['since'] = msg['cell'], time.time()

@@ -260,6 +260,15 @@ def test_timeout_kills_the_cell_and_reports_it(proj):
     assert r.status == 'failed' and r.report.startswith('nbs/01_hang.ipynb:cell 2: timed out after 1.5 s')
 
 
+def test_a_large_output_reaches_the_parent_intact_and_is_no_cells_time(proj):
+    "40 MB printed by one cell: the outputs travel after the last cell, so no cell's timeout counts their transfer."
+    make_nb(proj / 'nbs/01_big.ipynb', "print('y' * 40_000_000)", 'z = 2')
+    (r,) = run(proj, '01_big.ipynb', timeout=1.0)      # before: the last cell 'timed out' while 40 MB were read
+    assert r.status == 'passed', r.report
+    (text,) = [o['text'] for o in r.outputs[1][1]]
+    assert text == 'y' * 40_000_000 + '\n'
+
+
 def test_crash_is_reported_with_cell(proj):
     make_nb(proj / 'nbs/01_crash.ipynb', 'import os\nos._exit(3)')
     (r,) = run(proj, '01_crash.ipynb')
