@@ -374,6 +374,8 @@ def _schedule_loop(pending, running, results, parent, shell, cfg, workers, slow,
             if pid == 0:                                     # the child
                 os.close(rfd)
                 os.setpgid(0, 0)
+                signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a Jupyter kernel, even if we were started
+                                                                           # with Ctrl-C ignored (`cmd &` in a script)
                 os.dup2(log.fileno(), 1); os.dup2(log.fileno(), 2)   # C-level output goes to a log
                 out = os.fdopen(wfd, 'w')
                 def send(msg): out.write(json.dumps(msg, default=str) + '\n'); out.flush()

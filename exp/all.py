@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 
 import exp.callback_core, exp.callbacks, exp.checkpoint, exp.convolutions, exp.core, exp.data, exp.datablock
-import exp.distributed, exp.export, exp.hooks, exp.imagelist, exp.interpret, exp.learner, exp.metrics, exp.normalization
-import exp.optimizers, exp.regularization, exp.schedules, exp.test, exp.torch_core, exp.vision, exp.vision_learner
-import exp.widgets, exp.xresnet
+import exp.distributed, exp.export, exp.hooks, exp.imagelist, exp.interpret, exp.learner, exp.losses, exp.metrics, exp.multilabel
+import exp.normalization, exp.optimizers, exp.regularization, exp.schedules, exp.segmentation, exp.test, exp.torch_core, exp.vision
+import exp.vision_learner, exp.widgets, exp.xresnet
 from exp.callback_core import *
 from exp.callbacks import *
 from exp.checkpoint import *
@@ -37,13 +37,16 @@ from exp.hooks import *
 from exp.imagelist import *
 from exp.interpret import *
 from exp.learner import *
+from exp.losses import *
 from exp.metrics import *
+from exp.multilabel import *
 from exp.minibatch import (DataLoaders, Optimizer, SGD, TensorLoader, accuracy, average_grad, cross_entropy, fashion_mnist_dls,
                            l2_reg, momentum_step, sgd_step, weight_decay)
 from exp.normalization import *
 from exp.optimizers import *
 from exp.regularization import *
 from exp.schedules import *
+from exp.segmentation import *
 from exp.test import *
 from exp.torch_core import *
 from exp.vision import *
@@ -52,8 +55,8 @@ from exp.widgets import *
 from exp.xresnet import *
 
 _MODULES = (exp.core, exp.test, exp.data, exp.torch_core, exp.callback_core, exp.metrics, exp.convolutions, exp.learner,
-            exp.schedules, exp.callbacks, exp.datablock, exp.vision, exp.imagelist, exp.hooks, exp.normalization,
-            exp.optimizers, exp.regularization, exp.xresnet, exp.vision_learner, exp.interpret, exp.export, exp.widgets,
+            exp.schedules, exp.callbacks, exp.losses, exp.datablock, exp.vision, exp.imagelist, exp.hooks, exp.normalization,
+            exp.optimizers, exp.regularization, exp.xresnet, exp.vision_learner, exp.multilabel, exp.segmentation, exp.interpret, exp.export, exp.widgets,
             exp.distributed, exp.checkpoint)
 _OUTSIDE = ['json', 'math', 'os', 'pickle', 'random', 're', 'shutil', 'tempfile', 'time', 'warnings', 'Counter', 'defaultdict',
            'partial', 'Path', 'SimpleNamespace', 'widgets', 'plt', 'np', 'array', 'torch', 'F', 'nn', 'HTML', 'display', 'Button',

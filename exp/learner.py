@@ -38,6 +38,9 @@ from exp.torch_core import cat_batches, default_device, to_cpu, to_device, train
 def lr_range(lr, n_groups):
     "One value per group from `lr`: a number, a sequence, or a `slice` (geometric from start to stop; stop/10 except last)."
     if isinstance(lr, slice):
+        if lr.start and not (lr.start > 0 and lr.stop > 0):     # geomspace would give NaNs (and numpy a warning)
+            raise ValueError(f'{lr!r}: a slice spreads values geometrically between two positive ends '
+                             '(a learning rate is a finite number, 0 or more)')
         if lr.start: return list(np.geomspace(lr.start, lr.stop, n_groups)) if n_groups > 1 else [lr.stop]
         return [lr.stop / 10] * (n_groups - 1) + [lr.stop]
     if np.ndim(lr) == 0: return [float(lr)] * n_groups
