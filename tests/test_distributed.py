@@ -27,11 +27,17 @@ ENV = {**{k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE',
        'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
 
 
+def ctrl_c_as_usual():
+    "In the child before exec: Ctrl-C (SIGINT) at its default, which a shell's `cmd &` (or nohup-style CI) may have set to ignore;\n"
+    "a Python started with SIGINT ignored keeps ignoring it, and exp rightly leaves an ignored Ctrl-C alone."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def torchrun(out, *extra, nproc=2):
     "Start the example under torchrun (`--standalone`: a free port on this machine)."
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(EXAMPLE),
            *MLP, '--out', str(out), *extra]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_usual)
 
 
 def launch(out, *extra, nproc=2):
@@ -41,7 +47,7 @@ def launch(out, *extra, nproc=2):
         port = s.getsockname()[1]
     env = dict(ENV, WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     return [subprocess.Popen([sys.executable, str(EXAMPLE), *MLP, '--out', str(out), *extra], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_usual) for r in range(nproc)]
 
 
 def results(out, procs):
@@ -61,7 +67,7 @@ def results(out, procs):
 def alone(out, args, *extra):
     "Start the example as one plain process."
     return subprocess.Popen([sys.executable, str(EXAMPLE), *args, '--out', str(out), *extra], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_as_usual)
 
 
 def finish(p):
