@@ -1240,21 +1240,13 @@ class DataBlock:
         splits = (self.splitter or RandomSplitter())(items)
         return items, splits
 
-    def _opener(self):
-        "The first input's getter and type transforms as one function: what opens an item."
-        fs = self._pipelines()[0]
-        def open_item(o):
-            for f in fs: o = f(o)
-            return o
-        return open_item
-
     def datasets(self, source, verbose=False):
         "The `Datasets` of the items `get_items(source)` found, split and set up (the vocab comes from training labels)."
         items, splits = self._items_splits(source)
         if self.getters[self.n_inp] is parent_label:
             root = source if isinstance(source, (str, Path)) else None
             warn_empty_label_folders(items, root)
-            warn_unreadable_label_folders(items, self._opener(), root)
+            warn_unreadable_label_folders(items, Pipeline(self._pipelines()[0]), root)   # opens an item as the Datasets will
         if verbose: print(f'Found {len(items)} items; {len(splits)} datasets of sizes {",".join(str(len(s)) for s in splits)}')
         return Datasets(items, tfms=self._pipelines(), splits=splits, n_inp=self.n_inp)
 

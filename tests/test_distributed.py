@@ -28,8 +28,8 @@ ENV = {**{k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE',
 
 
 def ctrl_c_as_usual():
-    "In the child before exec: Ctrl-C (SIGINT) at its default, which a shell's `cmd &` (or nohup-style CI) may have set to ignore;\n"
-    "a Python started with SIGINT ignored keeps ignoring it, and exp rightly leaves an ignored Ctrl-C alone."
+    """In the child before exec: Ctrl-C (SIGINT) at its default, which a shell's `cmd &` (or nohup-style CI) may have set to
+    ignore; a Python started with SIGINT ignored keeps ignoring it, and exp rightly leaves an ignored Ctrl-C alone."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

@@ -111,9 +111,10 @@ torch.save(model.state_dict(), sys.argv[2])
 
 
 def test_a_plain_learner_trains_the_same_whatever_was_imported(tmp_path):
-    "The same Learner, seed and data in two fresh interpreters, one having imported exp.all first: the same weights, exactly.\n\n"
-    "(A default callback registered by a module's import once made this differ: the test suite's one-process runs trained\n"
-    "differently from the same script in a subprocess.)"
+    """The same Learner, seed and data in two fresh interpreters, one having imported exp.all first: the same weights, exactly.
+
+    (A default callback registered by a module's import once made this differ: the test suite's one-process runs trained
+    differently from the same script in a subprocess.)"""
     out = {}
     for which in ('learner', 'all'):
         out[which] = tmp_path / f'{which}.pth'
