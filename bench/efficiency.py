@@ -51,7 +51,7 @@ import argparse, contextlib, copy, gc, logging, os, platform, signal, statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if not (ROOT / 'exp').is_dir(): ROOT = Path.cwd()          # a copy run from outside the repository: the cwd is
+if not (ROOT / 'exp').is_dir(): ROOT = Path.cwd()          # a copy run from elsewhere: the repository is the cwd
 sys.path.insert(0, str(ROOT))
 
 import torch
