@@ -34,6 +34,14 @@ models gain accuracy per epoch but cost 2 to 10 times more per epoch. Short budg
 augmentation (flips only) and with a high peak learning rate (2e-2 for a minute, 1e-2 for ten); longer ones gain
 from 1-pixel shifts. The v2 recipes (issue 18: 93.5% in a minute, 95.5% in ten) add test-time shifts, a moving
 average of the weights and, for ten minutes, random erasing and pad-2 shifts; `-v1` are the issue-6 recipes.
+The v3 60-second recipe (issue 18, second pass) trains in batches of 128 at lr_max 1e-2 and compiles the model: on
+this 2-core CPU, with exp's `KeepFreedMemory` (no page faults for the activations) and Inductor's kernels, it
+runs 4.4-4.7 epochs in the minute where v2 ran 3.1-3.4; seed-0 trials of the alternatives (bs 64 or 256, lr 7e-3 to
+2e-2, wd 0.1, label smoothing 0.2, 15% warm-up, 1-pixel shifts, an EMA of 0.99, architectures that leave out the
+full-resolution stem) all scored 0.930-0.936 (bench/RESULTS.md). `torch.compile` compiles inside the budget: with
+Inductor's on-disk cache warm (any earlier run of the same model here) the first batch takes ~2 s; a cold cache
+spends ~30 s of the minute compiling, so the first run on a new machine is no record (the first-batch seconds
+are printed); `60s-eager` is the same recipe without compiling.
 """
 import argparse, logging, math, os, platform, statistics, sys, time
 from pathlib import Path
@@ -55,10 +63,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run_notebook import default_threads            # the cores other processes leave idle (by the load average)
 
 _BASE = dict(arch='xresnet_mini', seconds=59.0, bs=256, lr=2e-2, wd=0.05, label_smoothing=0.1, flip=0.5, pad=0, erase=0.,
-             bf16='auto', channels_last=True, compile=False, ema=0., tta='flip', target=0.930)
+             bf16='auto', channels_last=True, compile=False, ema=0., tta='flip', pct_start=0.25, target=0.930)
 RECIPES = {
-    '60s': dict(_BASE, target=0.935),                          # v1 + native-bf16 check; 5 epochs: 0.9361 with flips
-    '60s-compiled': dict(_BASE, compile=True, target=0.935),   # ~1.3x the batches, if the compile cache is warm (see below)
+    '60s': dict(_BASE, bs=128, lr=1e-2, compile=True, target=0.935),   # v3: batches of 128, compiled (warm cache: ~2 s)
+    '60s-eager': dict(_BASE, bs=128, lr=1e-2, target=0.935),           # the same without torch.compile
+    '60s-v2': dict(_BASE, target=0.935),                       # v1 + native-bf16 check: 0.9270 (3 seeds, 2026-12-05)
     '10min': dict(_BASE, arch='xresnet_small', seconds=595.0, lr=1e-2, pad=2, erase=0.25, ema=0.999, compile=True,
                   tta='flip+shift', target=0.955),             # candidate: not yet run at full length
     '60s-v1': dict(_BASE),                                                              # issue 6: 0.9334 (seed 0)
@@ -222,7 +231,7 @@ def run(name, seed=0, overrides=None, epochs=None):
     t0 = time.perf_counter()
     first = FirstBatch()
     with learn.no_bar(), learn.no_logging(), OtherLoad() as other:
-        learn.fit_one_cycle(10_000 if epochs is None else epochs, r['lr'], cbs=[clock, first])
+        learn.fit_one_cycle(10_000 if epochs is None else epochs, r['lr'], pct_start=r['pct_start'], cbs=[clock, first])
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     with learn.no_bar():
@@ -239,7 +248,7 @@ def run(name, seed=0, overrides=None, epochs=None):
 
 def describe(r):
     "The recipe's settings in words."
-    parts = [f"{r['arch']}(c_in=1, n_out=10)", f"bs {r['bs']}", f"one-cycle AdamW lr_max {r['lr']}", f"wd {r['wd']}",
+    parts = [f"{r['arch']}(c_in=1, n_out=10)", f"bs {r['bs']}", f"one-cycle AdamW lr_max {r['lr']} (warm-up {r['pct_start']:.0%})", f"wd {r['wd']}",
              f"label smoothing {r['label_smoothing']}", f"flips p={r['flip']}", f"shifts up to {r['pad']} px"]
     if r['erase']: parts.append(f"random erasing p={r['erase']}")
     parts.append('bf16 autocast' if r['bf16'] is True else 'bf16 where native' if r['bf16'] == 'auto' else 'fp32')

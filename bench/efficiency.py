@@ -6,6 +6,7 @@
     .venv/bin/python bench/efficiency.py --models xresnet_mini --sizes 28 --configs fp32,bf16,bf16+cl
     .venv/bin/python bench/efficiency.py --profile --models convnet,xresnet_mini --sizes 28 --configs fp32,bf16
     .venv/bin/python bench/efficiency.py --bf16-study         # fp32 vs bf16: speed and Fashion-MNIST accuracy
+    .venv/bin/python bench/efficiency.py --malloc --models convnet,xresnet_mini --sizes 28 --configs fp32,bf16+cl --bs 256
 
 Models (`--models`): `convnet` (exp.convolutions.mnist_convnet, the quickstart's net; at sizes other than 28 px a
 global average pool goes before its final Flatten so that it still gives 10 logits), `xresnet_mini`
@@ -38,6 +39,12 @@ configs are compared with the fp32 ceiling, bf16 ones with the bf16 ceiling.
 each model, size and config selected, and prints where the CPU time goes: convolutions (forward and backward),
 BatchNorm (forward and backward), the optimizer step (and zero_grad), data (the loader's batch gathering), other
 (activations, pooling, the loss, autocast's casts, the Learner's own Python), then the top ops by self time.
+
+`--malloc` measures `defaults.keep_freed_memory` (exp.callbacks.KeepFreedMemory, on by default): for each model,
+size and config, exp's `Learner.fit(1)` over in-memory batches runs in fresh processes with `EXP_KEEP_FREED_MEMORY=0`
+(glibc's malloc as it comes) and `=1`, alternating in `--rounds` rounds (a process each, since the setting cannot be
+taken back). Each reports its training images/s, the minor page faults per batch (getrusage) and its peak RSS; the
+table gives the best round of each and the ratio.
 
 `--bf16-study` trains the quickstart conv net and xresnet_mini on Fashion-MNIST (`--study-n` training images,
 default 20,000; `--study-epochs` of one-cycle AdamW, default 3, lr 1e-2, bs 128; `--study-seeds`, default 0,1) in
@@ -420,6 +427,56 @@ def study(args):
 
 
 # ------------------------------------------------------------------ driver
+
+# ------------------------------------------------------------------ keep_freed_memory on and off
+def malloc_child(args):
+    "One process, one setting (EXP_KEEP_FREED_MEMORY from the parent): time exp's fit; print one JSON line."
+    import json, resource
+    model_name, px, config = args.malloc_child.split(':')
+    s = Setup(model_name, int(px), config, args.bs)
+    x, y = torch.randn(args.bs * 400, 1, int(px), int(px)), torch.randint(0, 10, (args.bs * 400,))
+    def fit(n):
+        dl = TensorLoader(x[:n * args.bs], y[:n * args.bs], bs=args.bs, shuffle=True, drop_last=True)
+        learn = make_learner(s, dl)
+        with learn.no_bar(), learn.no_logging():
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            learn.fit(1)
+            return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    t, _ = fit(args.warm_batches)                       # warm-up, and a calibration of the batch count
+    n = max(20, min(400, round(args.seconds * args.warm_batches / max(t, 1e-6))))   # at least 20: a steady state
+    t, faults = fit(n)
+    print(json.dumps(dict(ips=n * args.bs / t, faults=faults / n, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          batches=n)))
+
+
+def malloc_study(args):
+    "Fresh processes with keep_freed_memory off and on, alternating; a table of images/s, page faults, peak RSS."
+    import json
+    rows = []
+    for m in args.models:
+        for px in args.sizes:
+            for c in args.configs:
+                got = {'0': [], '1': []}
+                for r in range(args.rounds):
+                    for keep in (('0', '1') if r % 2 == 0 else ('1', '0')):
+                        env = {**os.environ, 'EXP_KEEP_FREED_MEMORY': keep, 'PYTHONPATH': str(ROOT)}
+                        cmd = [sys.executable, __file__, '--malloc-child', f'{m}:{px}:{c}', '--bs', str(args.bs),
+                               '--seconds', str(args.seconds), '--threads', str(torch.get_num_threads())]
+                        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                        if out.returncode: sys.exit(f'{m} {px} px {c}: the child failed:\n{out.stderr[-2000:]}')
+                        got[keep].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                        print(f'  {m} {px} px {c} keep={keep}: {got[keep][-1]}', flush=True)
+                off, on = (max(got[k], key=lambda g: g['ips']) for k in '01')
+                rows.append((m, px, c, off, on))
+    print(f'\nbatch size {args.bs}; best of {args.rounds} round(s), each a fresh process; load average now {os.getloadavg()[0]:.2f}')
+    print('| model | px | config | img/s glibc default | img/s keep_freed_memory | ratio | page faults/batch default | '
+          'with keep | peak RSS MB default | with keep |')
+    print('|---|---:|---|---:|---:|---:|---:|---:|---:|---:|')
+    for m, px, c, off, on in rows:
+        print(f"| {m} | {px} | {c} | {off['ips']:,.0f} | {on['ips']:,.0f} | {on['ips'] / off['ips']:.2f}x | "
+              f"{off['faults']:,.0f} | {on['faults']:,.0f} | {off['rss']:,.0f} | {on['rss']:,.0f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: every CPU this process may use)')
@@ -440,6 +497,8 @@ def main(argv=None):
     ap.add_argument('--study-lr', type=float, default=1e-2)
     ap.add_argument('--study-seeds', default='0,1')
     ap.add_argument('--force', action='store_true', help='--bf16-study: run even on a busy machine')
+    ap.add_argument('--malloc', action='store_true', help='keep_freed_memory off and on, in fresh processes')
+    ap.add_argument('--malloc-child', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from exp.core import num_cpus
     torch.set_num_threads(args.threads or num_cpus())
@@ -458,6 +517,8 @@ def main(argv=None):
         args.profile_steps, args.study_n, args.study_epochs = min(args.profile_steps, 4), min(args.study_n, 1000), 1
         args.study_seeds = args.study_seeds[:1]
     if args.bf16_study: return study(args)
+    if args.malloc_child: return malloc_child(args)
+    if args.malloc: return malloc_study(args)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load average '
           f'{os.getloadavg()[0]:.2f}\n{cpu_description()}', flush=True)
     if args.profile: return profile(args)

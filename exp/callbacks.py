@@ -12,10 +12,12 @@ __all__ = ['TerminateOnNaN',
            'native_bf16',
            'auto_precision',
            'precision_setting',
-           'DefaultPrecision']
+           'DefaultPrecision',
+           'keep_freed_memory',
+           'KeepFreedMemory']
 
 # %% nbs/03b_callbacks.ipynb (id: e27e6883)
-import contextlib, functools, math, os
+import contextlib, ctypes, functools, math, os, sys
 
 import numpy as np
 import torch
@@ -291,8 +293,6 @@ def native_bf16(device=None, flags=None, capability=None, env=None):
 
 # %% nbs/03b_callbacks.ipynb (id: 12405117)
 _PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-if not hasattr(defaults, 'precision'):     # what a Learner without a precision callback runs in
-    defaults.precision = os.environ.get('EXP_PRECISION', 'fp32')       # 'auto' | 'fp32' | 'bf16' | 'fp16'
 
 
 def _auto_reason(model, device):
@@ -318,6 +318,7 @@ def precision_setting(value=None):
 class DefaultPrecision(MixedPrecision):
     "Default callback: autocast to what `defaults.precision` names, read at each use ('auto': see `auto_precision`)."
     order = -100                                    # first: any other callback that replaces a step replaces ours
+    applies_defaults_precision = True               # what `Learner.fit` looks for in `defaults.callbacks`
     def __init__(self): super().__init__(dtype=None); self._auto, self._said = None, None
 
     def before_fit(self, learn):
@@ -353,3 +354,28 @@ def precision(self: Learner):
     "'fp32', 'bf16' or 'fp16': what this learner's forward passes run in (its precision callback decides; none: 'fp32')."
     cbs = [cb for cb in self.cbs if isinstance(cb, MixedPrecision)]
     return _NAMES.get(dt := cbs[-1].dtype_for(self), str(dt)) if cbs else 'fp32'
+
+# %% nbs/03b_callbacks.ipynb (id: 535b3d3b)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3                # glibc's mallopt parameter numbers (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory(threshold=1 << 30):
+    "Let glibc's malloc keep freed blocks below `threshold` bytes for reuse (Linux with glibc: returns True), instead of unmapping them."
+    if sys.platform != 'linux': return False
+    try: mallopt = ctypes.CDLL(None).mallopt             # the C library this process runs with
+    except (OSError, AttributeError): return False
+    if not hasattr(os, 'confstr') or 'glibc' not in (os.confstr('CS_GNU_LIBC_VERSION') or ''): return False   # musl: a no-op stub
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+
+# %% nbs/03b_callbacks.ipynb (id: d51f98ec)
+class KeepFreedMemory(Callback):
+    "Default callback: before a fit on the CPU, `keep_freed_memory()` (once per process) if `defaults.keep_freed_memory`."
+    order = -100
+    def before_fit(self, learn):
+        if defaults.keep_freed_memory and learn.device.type == 'cpu': self.kept = keep_freed_memory()
+
+    state_dict = load_state_dict = None             # nothing for a checkpoint
+
+
+if KeepFreedMemory not in defaults.callbacks: defaults.callbacks.append(KeepFreedMemory)

@@ -37,6 +37,8 @@ defaults = SimpleNamespace(
     num_workers=0 if num_cpus() < 4 else min(8, num_cpus() - 1),  # loader worker processes (0: in the main process)
     device=None,                              # None: exp.learner.default_device() (CUDA, else MPS, else CPU)
     cmap='viridis',                           # matplotlib colour map for one-channel images (fastai v1's default)
+    precision=os.environ.get('EXP_PRECISION', 'fp32'),     # 'fp32' | 'auto' | 'bf16' | 'fp16': exp.callbacks (03b) applies it
+    keep_freed_memory=os.environ.get('EXP_KEEP_FREED_MEMORY', '1') != '0',   # CPU fits reuse freed memory (03b)
 )
 
 # %% nbs/00a_core.ipynb (id: dcc0a126)

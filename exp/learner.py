@@ -316,6 +316,9 @@ def fit(self: Learner, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, sta
     if resume is not None:
         if self.resume_cb is None: raise RuntimeError('fit(resume=...) needs exp.checkpoint: import it (exp.all does)')
         cbs = listify(cbs) + [self.resume_cb(resume)]
+    if defaults.precision != 'fp32' and not any(getattr(c, 'applies_defaults_precision', False) for c in defaults.callbacks):
+        warnings.warn(f'defaults.precision = {defaults.precision!r} is applied by exp.callbacks, which is not imported: '
+                      'this fit runs in fp32 (import exp.callbacks; exp.all does)', stacklevel=2)
     with self.added_cbs(cbs):
         if reset_opt or self.opt is None: self.create_opt()
         if wd is None: wd = self.wd

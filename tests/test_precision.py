@@ -160,3 +160,30 @@ def test_auto_says_what_it_chose(precision_setting, capsys):
     defaults.precision = 'fp32'
     with learn.no_bar(): learn.fit(1)
     assert "defaults.precision" not in capsys.readouterr().out
+
+
+WITHOUT_CALLBACKS = """
+import json, warnings, torch
+from torch import nn
+from exp.learner import Learner
+from exp.minibatch import DataLoaders, TensorLoader
+{extra}
+x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+learn = Learner(DataLoaders(TensorLoader(x, y, bs=16)), nn.Linear(4, 2), loss_func=nn.CrossEntropyLoss(), device='cpu')
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    with learn.no_logging(), learn.no_bar(): learn.fit(1)
+print(json.dumps([str(m.message) for m in w]))
+"""
+
+
+@pytest.mark.parametrize('extra, warned', [('', True), ('import exp.callbacks', False)])
+def test_a_precision_setting_nothing_applies_is_said(extra, warned):
+    "EXP_PRECISION=bf16 with only exp.learner imported: the fit warns that it runs in fp32; with exp.callbacks, it does not."
+    env = {**os.environ, 'EXP_PRECISION': 'bf16', 'PYTHONPATH': str(ROOT)}
+    r = subprocess.run([sys.executable, '-c', WITHOUT_CALLBACKS.format(extra=extra)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [m for m in json.loads(r.stdout.strip().splitlines()[-1]) if 'defaults.precision' in m]
+    assert bool(said) == warned, r.stdout
+    if warned: assert "'bf16'" in said[0] and 'import exp.callbacks' in said[0]
