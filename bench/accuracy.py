@@ -82,10 +82,29 @@ def _xresnet_tiny(layers, stem, widths):
     return make
 
 
+def _xresnet_s2(c_in=1, n_out=10):
+    "xresnet_mini's widths with a 32-channel stride-2 stem: every layer at 14 px or less (1.25x the images/s)."
+    m = XResNet(ResBlock, 1, [1, 1, 1], c_in=c_in, n_out=n_out, stem_szs=(32,), widths=(32, 64, 128), small_input=True,
+                strides=(1, 2, 2))
+    m[0][0].stride = (2, 2)
+    return m
+
+
+def _xresnet_unshuffle(n_stem):
+    "PixelUnshuffle(2) (28x28x1 -> 14x14x4, nothing lost), then `n_stem` 32-channel stem convs and 32/64/128 stages."
+    def make(c_in=1, n_out=10):
+        return nn.Sequential(nn.PixelUnshuffle(2), XResNet(ResBlock, 1, [1, 1, 1], c_in=4 * c_in, n_out=n_out,
+                             stem_szs=(32,) * n_stem, widths=(32, 64, 128), small_input=True, strides=(1, 2, 2)))
+    return make
+
+
 ARCHS = {'xresnet_mini': xresnet_mini, 'xresnet_small': xresnet_small,
          'xresnet_mini2': _xresnet_tiny([2, 2, 2], (16,), (32, 64, 128)),        # two blocks a stage
          'xresnet_small2': _xresnet_tiny([2, 2, 2], (24,), (48, 96, 192)),
-         'xresnet_wide': _xresnet_tiny([1, 1, 1], (32,), (64, 128, 256))}
+         'xresnet_wide': _xresnet_tiny([1, 1, 1], (32,), (64, 128, 256)),
+         'xresnet_mini_s2': _xresnet_s2,                                         # no 28-px layer (tried: slower to learn)
+         'xresnet_mini_unshuffle': _xresnet_unshuffle(1),
+         'xresnet_mini_unshuffle2': _xresnet_unshuffle(2)}
 TTAS = ('none', 'flip', 'flip+shift')
 
 
