@@ -533,6 +533,27 @@ def kernel_env(extra=None, threads=1) -> dict:
     return env
 
 
+def wait_in_slices(channel, slice_s=0.5):
+    """Make `channel.get_msg(timeout)` (an async jupyter_client channel) wait in slices of `slice_s` seconds, same total.
+
+    A zmq socket's file descriptor is edge-triggered: when the client also *sends* on the shell socket while it
+    waits on it (nbclient does, to sync an `Output` widget's `clear_output` back to the kernel), the wake-up for
+    a reply that has already arrived can be consumed by the send, and one long wait then sleeps until its timeout
+    although the reply is there (jupyter/nbclient#312). Measured here: a fastbook-style app cell (07b) passed
+    after exactly the 900 s cell timeout. Each new wait re-checks the socket, so slices lose at most `slice_s`."""
+    from queue import Empty
+    get = channel.get_msg
+    async def get_msg(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0., deadline - time.monotonic())
+            try: return await get(timeout=slice_s if left is None else min(slice_s, left))
+            except Empty:
+                if left is not None and left <= slice_s: raise
+    channel.get_msg = get_msg
+    return channel
+
+
 async def _run_in_kernel(nb_path: Path, cfg: dict, slow: bool, timeout: float, env: dict, sockets: str) -> Result:
     """Execute one notebook in a fresh ipykernel (nbclient), cwd its folder, as Jupyter would; stop at the first error.
 
@@ -557,6 +578,7 @@ async def _run_in_kernel(nb_path: Path, cfg: dict, slow: bool, timeout: float, e
     cell_no = None
     try:
         async with client.async_setup_kernel(env=env):
+            wait_in_slices(client.kc.shell_channel); wait_in_slices(client.kc.iopub_channel)
             res.setup_seconds = time.perf_counter() - t0
             for i, cell in enumerate(nb.cells, start=1):
                 if cell.cell_type != 'code' or not cell.source.strip(): continue

@@ -418,3 +418,25 @@ def test_saved_widgets_render_without_a_frontend(proj):
     out = nbformat.read(nb_path, as_version=4).cells[0].outputs[0]
     assert 'Select your bear!' in out.data['text/html'] and '<button disabled>Classify</button>' in out.data['text/html']
     assert rn.WIDGET_MIME not in out.data
+
+
+def test_kernel_channels_wait_in_slices_and_keep_their_timeout():
+    "The Jupyter engine's shell/iopub waits (wait_in_slices, for jupyter/nbclient#312): replies still arrive, timeouts still hold."
+    import asyncio
+    from queue import Empty
+    from jupyter_client.manager import start_new_async_kernel
+
+    async def main():
+        km, kc = await start_new_async_kernel(kernel_name='python3')
+        try:
+            rn.wait_in_slices(kc.shell_channel, slice_s=0.2)
+            msg_id = kc.execute('import time; time.sleep(1.0); 6 * 7')      # the reply comes after several slices
+            reply = await kc.shell_channel.get_msg(timeout=60)
+            assert reply['parent_header']['msg_id'] == msg_id and reply['content']['status'] == 'ok'
+            t0 = time.monotonic()
+            with pytest.raises(Empty): await kc.shell_channel.get_msg(timeout=0.7)   # nothing more is coming
+            assert time.monotonic() - t0 >= 0.65                                      # the whole timeout, not one slice
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+    asyncio.run(main())
