@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exp.core import L, defaults, exportable, exportable_name, ifnone, is_listy, listify, registered, uniqueify
+from exp.core import L, defaults, exportable, exportable_name, ifnone, is_listy, listify, patch, registered, uniqueify
 from exp.losses import BCEWithLogitsLossFlat, MSELossFlat
 from exp.torch_core import default_device, find_bs, to_device
 from exp.minibatch import DataLoaders
@@ -700,16 +700,6 @@ def resolve_device(device=None):
     return torch.device(device) if device is not None else default_device()
 
 # %% nbs/04_datablock.ipynb (id: 1407ae16)
-class _BatchFetcher(torch.utils.data.Dataset):
-    "What a torch worker runs: build one whole collated batch of `dl` from a list of indices."
-    def __init__(self, dl): self.dl = dl
-    def __len__(self): return len(self.dl)
-    def __getitem__(self, idxs):
-        b, warns = self.dl.create_batch(idxs)
-        if b is None: return None, None, warns
-        return _types(b), _plain_tensors(b), warns
-
-
 def _warn_all(warns):
     for w in warns: warnings.warn(w, stacklevel=3)
 
@@ -762,30 +752,6 @@ class TfmdDL:
         if isinstance(b, tuple) and len(b) >= len(self._types or ()): self._types = tuple(type(o) for o in b)
         return b
 
-    def __iter__(self):
-        batches = self.batch_idxs()
-        if self.num_workers <= 0 or len(batches) <= 1:
-            for idxs in batches:
-                b, warns = self.create_batch(idxs)
-                _warn_all(warns)
-                if b is not None: yield self.finish_batch(b)
-            return
-        ctx = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else None
-        pin = self.pin_memory if self.pin_memory is not None else self.device.type == 'cuda'
-        loader = torch.utils.data.DataLoader(_BatchFetcher(self), batch_size=None, sampler=batches,
-                                             num_workers=min(self.num_workers, len(batches)), pin_memory=pin,
-                                             multiprocessing_context=ctx)
-        it = iter(loader)
-        try:
-            for types, b, warns in it:
-                _warn_all(warns)
-                if b is not None: yield self.finish_batch(_retype(b, types))
-        finally:
-            # Stop the workers now, also after an error or an early `break`: left to the garbage collector,
-            # an iterator caught in an exception's reference cycle waits seconds for each worker to exit.
-            shutdown = getattr(it, '_shutdown_workers', None)
-            if shutdown is not None: shutdown()
-
     def one_batch(self):
         "The first batch of a pass (built in this process), after batch transforms, on the device."
         idxs = self.batch_idxs()
@@ -819,44 +785,49 @@ class TfmdDL:
         "How many elements of a batch are inputs (the rest are targets)."
         return getattr(self.dataset, 'n_inp', 1)
 
-    def retain_types(self, b):
-        "`b` with its plain tensors (predictions) given the types of this loader's batches, element by element (fastai's `retain_types`)."
-        types = self._types or ()
-        return tuple(o.as_subclass(t) if i < len(types) and type(o) is torch.Tensor and (t := types[i]) is not torch.Tensor
-                     and isinstance(t, type) and issubclass(t, torch.Tensor) else o for i, o in enumerate(b))
-
-    def decode(self, b):
-        "Undo the batch transforms (last first) and bring `b` back to the CPU (plain tensors first take this loader's types)."
-        return to_device(self.after_batch.decode(self.retain_types(tuple(b)), self.split_idx), 'cpu')
-
-    def decode_batch(self, b, max_n=9):
-        "The first `max_n` samples of batch `b` fully decoded: batch and item transforms undone, labels as `Category`."
-        b = self.decode(b)
-        n = min(find_bs(b), max_n)
-        samples = [tuple(o[i] if type(o) is torch.Tensor or not isinstance(o, torch.Tensor) else o[i].as_subclass(type(o))
-                         for o in b) for i in range(n)]
-        samples = [self.after_item.decode(s, self.split_idx) for s in samples]
-        dec = getattr(self.dataset, 'decode', None)
-        return [dec(s) for s in samples] if dec is not None else samples
-
-    def show_batch(self, b=None, max_n=9, nrows=None, ncols=None, figsize=None, unique=False, **kwargs):
-        "Show `max_n` decoded samples of batch `b` (default: one batch) in a grid; `unique`: one item under `max_n` draws of the transforms."
-        if unique: b = self._unique_batch(max_n)
-        elif b is None: b = self.one_batch()
-        samples = self.decode_batch(b, max_n)
-        axs = get_grid(len(samples), nrows, ncols, figsize)
-        for s, ax in zip(samples, axs): show_sample(s, ax=ax, **kwargs)
-
-    def _unique_batch(self, n):
-        i = random.randrange(self.n)
-        return self.finish_batch(collate_samples([self.create_item(i) for _ in range(n)]))
-
     def shard(self, rank, world_size, train=True, order=None):
         "Process `rank`'s part of this loader among `world_size` processes (see `TfmdDLShard`); `order(n)`: the agreed shuffle."
         return TfmdDLShard(self, rank, world_size, train, order)
 
     def __repr__(self):
         return f'{type(self).__name__}: {self.n} items, bs={self.bs}, {len(self)} batches, shuffle={self.shuffle}, device={self.device}'
+
+# %% nbs/04_datablock.ipynb (id: fda56eac)
+class _BatchFetcher(torch.utils.data.Dataset):
+    "What a torch worker runs: build one whole collated batch of `dl` from a list of indices."
+    def __init__(self, dl): self.dl = dl
+    def __len__(self): return len(self.dl)
+    def __getitem__(self, idxs):
+        b, warns = self.dl.create_batch(idxs)
+        if b is None: return None, None, warns
+        return _types(b), _plain_tensors(b), warns
+
+
+@patch
+def __iter__(self: TfmdDL):
+    "The batches of one pass: built here, or in `num_workers` processes, then `finish_batch`ed here."
+    batches = self.batch_idxs()
+    if self.num_workers <= 0 or len(batches) <= 1:
+        for idxs in batches:
+            b, warns = self.create_batch(idxs)
+            _warn_all(warns)
+            if b is not None: yield self.finish_batch(b)
+        return
+    ctx = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else None
+    pin = self.pin_memory if self.pin_memory is not None else self.device.type == 'cuda'
+    loader = torch.utils.data.DataLoader(_BatchFetcher(self), batch_size=None, sampler=batches,
+                                         num_workers=min(self.num_workers, len(batches)), pin_memory=pin,
+                                         multiprocessing_context=ctx)
+    it = iter(loader)
+    try:
+        for types, b, warns in it:
+            _warn_all(warns)
+            if b is not None: yield self.finish_batch(_retype(b, types))
+    finally:
+        # Stop the workers now, also after an error or an early `break`: left to the garbage collector,
+        # an iterator caught in an exception's reference cycle waits seconds for each worker to exit.
+        shutdown = getattr(it, '_shutdown_workers', None)
+        if shutdown is not None: shutdown()
 
 # %% nbs/04_datablock.ipynb (id: 38760605)
 def get_grid(n, nrows=None, ncols=None, figsize=None, imsize=3, title=None):
@@ -878,6 +849,48 @@ def show_sample(sample, ax=None, **kwargs):
     for o in sample:
         if hasattr(o, 'show'): ax = o.show(ax=ax, **kwargs)
     return ax
+
+# %% nbs/04_datablock.ipynb (id: 753278c8)
+@patch
+def retain_types(self: TfmdDL, b):
+    "`b` with its plain tensors (predictions) given the types of this loader's batches, element by element (fastai's `retain_types`)."
+    types = self._types or ()
+    return tuple(o.as_subclass(t) if i < len(types) and type(o) is torch.Tensor and (t := types[i]) is not torch.Tensor
+                 and isinstance(t, type) and issubclass(t, torch.Tensor) else o for i, o in enumerate(b))
+
+
+@patch
+def decode(self: TfmdDL, b):
+    "Undo the batch transforms (last first) and bring `b` back to the CPU (plain tensors first take this loader's types)."
+    return to_device(self.after_batch.decode(self.retain_types(tuple(b)), self.split_idx), 'cpu')
+
+
+@patch
+def decode_batch(self: TfmdDL, b, max_n=9):
+    "The first `max_n` samples of batch `b` fully decoded: batch and item transforms undone, labels as `Category`."
+    b = self.decode(b)
+    n = min(find_bs(b), max_n)
+    samples = [tuple(o[i] if type(o) is torch.Tensor or not isinstance(o, torch.Tensor) else o[i].as_subclass(type(o))
+                     for o in b) for i in range(n)]
+    samples = [self.after_item.decode(s, self.split_idx) for s in samples]
+    dec = getattr(self.dataset, 'decode', None)
+    return [dec(s) for s in samples] if dec is not None else samples
+
+
+@patch
+def show_batch(self: TfmdDL, b=None, max_n=9, nrows=None, ncols=None, figsize=None, unique=False, **kwargs):
+    "Show `max_n` decoded samples of batch `b` (default: one batch) in a grid; `unique`: one item under `max_n` draws of the transforms."
+    if unique: b = self._unique_batch(max_n)
+    elif b is None: b = self.one_batch()
+    samples = self.decode_batch(b, max_n)
+    axs = get_grid(len(samples), nrows, ncols, figsize)
+    for s, ax in zip(samples, axs): show_sample(s, ax=ax, **kwargs)
+
+
+@patch
+def _unique_batch(self: TfmdDL, n):
+    i = random.randrange(self.n)
+    return self.finish_batch(collate_samples([self.create_item(i) for _ in range(n)]))
 
 # %% nbs/04_datablock.ipynb (id: 36fab8a1)
 def shard_batches(order, bs, n_batches, rank, world_size, train=True):
