@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse, json, linecache, os, re, select, signal, sys, tempfile, threading, time, traceback
 from dataclasses import dataclass, field
+from queue import Empty
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -541,7 +542,6 @@ def wait_in_slices(channel, slice_s=0.5):
     a reply that has already arrived can be consumed by the send, and one long wait then sleeps until its timeout
     although the reply is there (jupyter/nbclient#312). Measured here: a fastbook-style app cell (07b) passed
     after exactly the 900 s cell timeout. Each new wait re-checks the socket, so slices lose at most `slice_s`."""
-    from queue import Empty
     get = channel.get_msg
     async def get_msg(timeout=None):
         deadline = None if timeout is None else time.monotonic() + timeout

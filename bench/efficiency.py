@@ -54,7 +54,7 @@ accuracy difference. It refuses to start while the 1-minute load average is >= 1
 """
 from __future__ import annotations
 
-import argparse, contextlib, copy, gc, logging, os, platform, signal, statistics, subprocess, sys, time, warnings
+import argparse, contextlib, copy, gc, json, logging, os, platform, signal, statistics, subprocess, sys, time, warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,7 +431,7 @@ def study(args):
 # ------------------------------------------------------------------ keep_freed_memory on and off
 def malloc_child(args):
     "One process, one setting (EXP_KEEP_FREED_MEMORY from the parent): time exp's fit; print one JSON line."
-    import json, resource
+    import resource                                     # Unix only: the rest of this script runs anywhere
     model_name, px, config = args.malloc_child.split(':')
     s = Setup(model_name, int(px), config, args.bs)
     x, y = torch.randn(args.bs * 400, 1, int(px), int(px)), torch.randint(0, 10, (args.bs * 400,))
@@ -451,7 +451,6 @@ def malloc_child(args):
 
 def malloc_study(args):
     "Fresh processes with keep_freed_memory off and on, alternating; a table of images/s, page faults, peak RSS."
-    import json
     rows = []
     for m in args.models:
         for px in args.sizes:

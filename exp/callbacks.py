@@ -17,7 +17,7 @@ __all__ = ['TerminateOnNaN',
            'KeepFreedMemory']
 
 # %% nbs/03b_callbacks.ipynb (id: e27e6883)
-import contextlib, ctypes, functools, math, os, sys
+import contextlib, ctypes, functools, math, os, platform
 
 import numpy as np
 import torch
@@ -362,10 +362,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3                # glibc's mallopt p
 @functools.cache
 def keep_freed_memory(threshold=1 << 30):
     "Let glibc's malloc keep freed blocks below `threshold` bytes for reuse (Linux with glibc: returns True), instead of unmapping them."
-    if sys.platform != 'linux': return False
+    if platform.libc_ver()[0] != 'glibc': return False     # macOS, Windows, musl (whose mallopt is a no-op stub)
     try: mallopt = ctypes.CDLL(None).mallopt             # the C library this process runs with
     except (OSError, AttributeError): return False
-    if not hasattr(os, 'confstr') or 'glibc' not in (os.confstr('CS_GNU_LIBC_VERSION') or ''): return False   # musl: a no-op stub
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
 
 # %% nbs/03b_callbacks.ipynb (id: d51f98ec)

@@ -2,13 +2,13 @@
 
 Each case runs in a fresh interpreter: glibc's malloc settings are per process and cannot be taken back.
 """
-import json, os, subprocess, sys
+import json, os, platform, subprocess, sys
 
 import pytest
 
 from conftest import ROOT
 
-GLIBC = sys.platform == 'linux' and 'glibc' in (os.confstr('CS_GNU_LIBC_VERSION') or '')
+GLIBC = platform.libc_ver()[0] == 'glibc'
 
 FIT = r"""
 import json, resource, torch, torch.nn as nn, torch.nn.functional as F
