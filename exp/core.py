@@ -239,25 +239,26 @@ def _copy_func(f):
     return g
 
 
-def patch_to(cls, as_prop=False):
-    "Decorator: set the function on class `cls` (or each class of a tuple) under its own name, as a method or a property."
+def patch_to(cls, as_prop=False, cls_method=False):
+    "Decorator: set the function on class `cls` (or each class of a tuple) under its own name: a method, a property or a classmethod."
+    if as_prop and cls_method: raise TypeError('patch: as_prop and cls_method exclude each other')
     def _inner(f):
         for c in (cls if isinstance(cls, tuple) else (cls,)):
             g = _copy_func(f) if isinstance(cls, tuple) else f     # one function object per class: its own qualname
             g.__qualname__ = f'{c.__name__}.{f.__name__}'
-            setattr(c, f.__name__, property(g) if as_prop else g)
+            setattr(c, f.__name__, property(g) if as_prop else classmethod(g) if cls_method else g)
         return f
     return _inner
 
 
-def patch(f=None, *, as_prop=False):
+def patch(f=None, *, as_prop=False, cls_method=False):
     "Decorator: add `f` to the class its first parameter is annotated with (`def fit(self: Learner, ...)`), as fastai does."
-    if f is None: return functools.partial(patch, as_prop=as_prop)
+    if f is None: return functools.partial(patch, as_prop=as_prop, cls_method=cls_method)
     params = list(inspect.signature(f).parameters.values())
     cls = params[0].annotation if params else inspect.Parameter.empty
     if cls is inspect.Parameter.empty or not (isinstance(cls, type) or isinstance(cls, tuple)):
         raise TypeError(f'@patch: annotate the first parameter of {f.__name__} with the class to add it to (self: Learner)')
-    return patch_to(cls, as_prop=as_prop)(f)
+    return patch_to(cls, as_prop=as_prop, cls_method=cls_method)(f)
 
 # %% nbs/00a_core.ipynb (id: 73ca5731)
 class GetAttr:

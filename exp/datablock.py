@@ -976,13 +976,6 @@ class Normalize(Transform):
     def __getstate__(self): return {**self.__dict__, '_cache': {}}
 
 # %% nbs/04_datablock.ipynb (id: 79e3b982)
-def _tensor_type(name):
-    "The tensor class registered as `name` (a spec's batch type), else `torch.Tensor`."
-    if name is None: return torch.Tensor
-    try: return registered(name, torch.Tensor)
-    except KeyError: return torch.Tensor
-
-
 @exportable
 class TfmdDataLoaders(DataLoaders):
     "`DataLoaders` of `TfmdDL`s: adds `vocab`, `c`, `train_ds`, `one_batch`, `show_batch`, `test_dl`, `device`, `path`..."
@@ -1029,26 +1022,6 @@ class TfmdDataLoaders(DataLoaders):
         "The labels' vocab (a `CategoryMap`)."
         return self.train.vocab
 
-    @property
-    def classes(self):
-        "fastai v1's name for `vocab`."
-        return self.vocab
-
-    @property
-    def train_dl(self):
-        "fastai v1's name for `train`."
-        return self.train
-
-    @property
-    def valid_dl(self):
-        "fastai v1's name for `valid`."
-        return self.valid
-
-    @property
-    def test_ds(self):
-        "fastai v1's test set: the dataset of a third loader if there is one, else None."
-        return self.loaders[2].dataset if len(self.loaders) > 2 else None
-
     def _target_tfms(self):
         "The transforms of the training targets (their type transforms), then the training item transforms."
         ds = self.train.dataset
@@ -1086,92 +1059,142 @@ class TfmdDataLoaders(DataLoaders):
         "One training batch, transformed, on the device."
         return self.train.one_batch()
 
-    def show_batch(self, b=None, max_n=9, nrows=None, ncols=None, figsize=None, unique=False, rows=None, **kwargs):
-        "Show decoded training samples in a grid (`rows`: fastai v1's `rows×rows` grid)."
-        if rows is not None: max_n, nrows = rows * rows, rows
-        return self.train.show_batch(b, max_n=max_n, nrows=nrows, ncols=ncols, figsize=figsize, unique=unique, **kwargs)
-
-    def decode(self, b):
-        "Undo the training loader's batch transforms on `b`."
-        return self.train.decode(b)
-
-    def decode_batch(self, b, max_n=9):
-        "Decoded samples of batch `b` (see `TfmdDL.decode_batch`)."
-        return self.valid.decode_batch(b, max_n)
-
-    def add_tfms(self, tfms, event='after_batch', loaders=None):
-        "Add `tfms` to the `event` ('after_item' or 'after_batch') pipeline of `loaders` (default: all)."
-        for i, dl in enumerate(self.loaders):
-            if loaders is None or i in listify(loaders): getattr(dl, event).add(listify(tfms))
-        return self
-
-    def normalize(self, stats=None):
-        "fastai v1: add `Normalize` (of `stats`, default: per-channel mean/std of one training batch) to every loader."
-        if stats is None:
-            x = self.train.one_batch()[0].float()
-            dims = [d for d in range(x.ndim) if d != 1]
-            stats = (x.mean(dims).tolist(), x.std(dims).tolist())
-        return self.add_tfms([Normalize.from_stats(*stats)])
-
-    @property
-    def norm_stats(self):
-        "The `(mean, std)` of the first `Normalize` batch transform, or None (pretrained models add ImageNet's when None)."
-        for t in self.train.after_batch:
-            if isinstance(t, Normalize): return (t.mean, t.std)
-        return None
-
-    def test_dl(self, test_items, rm_type_tfms=0, with_labels=False, bs=None, **kwargs):
-        "A loader over new inputs (files, images...: what `get_x` returns, unless `with_labels`) through the validation pipeline."
-        ds = self.valid.dataset
-        n_inp = ds.n_inp
-        if with_labels: tfms = [Pipeline(p.fs[rm_type_tfms:]) if i < n_inp else p for i, p in enumerate(ds.tfms)]
-        else: tfms = [Pipeline([t for t in p.fs if not getattr(t, 'is_getter', False)][rm_type_tfms:]) for p in ds.tfms[:n_inp]]
-        test_ds = Datasets(listify(test_items) if not isinstance(test_items, L) else test_items, tfms=tfms,
-                           n_inp=n_inp, do_setup=False, split_idx=1)
-        return self.valid.new(test_ds, shuffle=False, drop_last=False, bs=bs or self.valid.bs, split_idx=1, **kwargs)
-
-    def _batch_types(self):
-        "The types of a batch's elements (from a batch made already, else one validation or training batch), or None."
-        for dl in (self.valid, self.train):
-            if dl._types is None and dl.n:
-                try: dl.one_batch()
-                except Exception: pass
-            if dl._types is not None: return dl._types
-        return None
-
-    def spec(self):
-        "The validation pipeline as JSON-able plain data: x and y type transforms, item and batch transforms, vocab, n_inp, batch types."
-        ds, dl = self.valid.dataset, self.valid
-        res = {'n_inp': ds.n_inp,
-               'x_tfms': [[t.to_dict() for t in p if not getattr(t, 'is_getter', False)] for p in ds.tfms[:ds.n_inp]],
-               'item_tfms': [t.to_dict() for t in dl.after_item],
-               'batch_tfms': [t.to_dict() for t in dl.after_batch],
-               'vocab': _plain(list(self.vocab)) if self.vocab is not None else None}
-        y = [[t for t in p if not getattr(t, 'is_getter', False)] for p in ds.tfms[ds.n_inp:]]
-        if all(exportable_name(getattr(t, '_func', None) or type(t)) is not None for p in y for t in p):
-            res['y_tfms'] = [[t.to_dict() for t in p] for p in y]       # how predictions decode (only exp's own transforms)
-        types = self._batch_types()
-        if types: res['types'] = [None if t is torch.Tensor else exportable_name(t) for t in types]
-        return res
-
-    @classmethod
-    def from_spec(cls, spec, path='.', device=None, bs=64):
-        "Loaders (without data) rebuilt from `spec()`: enough for `test_dl`, `vocab` and `decode`."
-        x_tfms = [[Transform.from_dict(d) for d in p] for p in spec['x_tfms']]
-        if spec.get('y_tfms') is not None: y_tfms = [[Transform.from_dict(d) for d in p] for p in spec['y_tfms']]
-        else: y_tfms = [[Categorize(vocab=spec['vocab'], sort=False)]] if spec.get('vocab') is not None else []
-        ds = Datasets([], tfms=x_tfms + y_tfms, splits=[[], []], n_inp=spec['n_inp'], do_setup=False)
-        item = [Transform.from_dict(d) for d in spec['item_tfms']]
-        batch = [Transform.from_dict(d) for d in spec['batch_tfms']]
-        dls = [TfmdDL(ds.subset(i), bs=bs, after_item=item, after_batch=batch, split_idx=i, device=device, num_workers=0)
-               for i in range(2)]
-        types = [_tensor_type(n) for n in spec.get('types') or []]
-        for dl in dls: dl._types = tuple(types) or None
-        return cls(*dls, path=path)
-
     def __repr__(self):
         return (f'{type(self).__name__}: {len(self.train.dataset)} train, {len(self.valid.dataset)} valid items, '
                 f'bs={self.bs}, device={self.device}' + (f', vocab={self.vocab!r}' if self.vocab is not None else ''))
+
+# %% nbs/04_datablock.ipynb (id: 2afab8b2)
+@patch(as_prop=True)
+def classes(self: TfmdDataLoaders):
+    "fastai v1's name for `vocab`."
+    return self.vocab
+
+
+@patch(as_prop=True)
+def train_dl(self: TfmdDataLoaders):
+    "fastai v1's name for `train`."
+    return self.train
+
+
+@patch(as_prop=True)
+def valid_dl(self: TfmdDataLoaders):
+    "fastai v1's name for `valid`."
+    return self.valid
+
+
+@patch(as_prop=True)
+def test_ds(self: TfmdDataLoaders):
+    "fastai v1's test set: the dataset of a third loader if there is one, else None."
+    return self.loaders[2].dataset if len(self.loaders) > 2 else None
+
+# %% nbs/04_datablock.ipynb (id: cbeb66ff)
+@patch
+def show_batch(self: TfmdDataLoaders, b=None, max_n=9, nrows=None, ncols=None, figsize=None, unique=False, rows=None, **kwargs):
+    "Show decoded training samples in a grid (`rows`: fastai v1's `rows×rows` grid)."
+    if rows is not None: max_n, nrows = rows * rows, rows
+    return self.train.show_batch(b, max_n=max_n, nrows=nrows, ncols=ncols, figsize=figsize, unique=unique, **kwargs)
+
+
+@patch
+def decode(self: TfmdDataLoaders, b):
+    "Undo the training loader's batch transforms on `b`."
+    return self.train.decode(b)
+
+
+@patch
+def decode_batch(self: TfmdDataLoaders, b, max_n=9):
+    "Decoded samples of batch `b` (see `TfmdDL.decode_batch`)."
+    return self.valid.decode_batch(b, max_n)
+
+
+@patch
+def add_tfms(self: TfmdDataLoaders, tfms, event='after_batch', loaders=None):
+    "Add `tfms` to the `event` ('after_item' or 'after_batch') pipeline of `loaders` (default: all)."
+    for i, dl in enumerate(self.loaders):
+        if loaders is None or i in listify(loaders): getattr(dl, event).add(listify(tfms))
+    return self
+
+
+@patch
+def normalize(self: TfmdDataLoaders, stats=None):
+    "fastai v1: add `Normalize` (of `stats`, default: per-channel mean/std of one training batch) to every loader."
+    if stats is None:
+        x = self.train.one_batch()[0].float()
+        dims = [d for d in range(x.ndim) if d != 1]
+        stats = (x.mean(dims).tolist(), x.std(dims).tolist())
+    return self.add_tfms([Normalize.from_stats(*stats)])
+
+
+@patch(as_prop=True)
+def norm_stats(self: TfmdDataLoaders):
+    "The `(mean, std)` of the first `Normalize` batch transform, or None (pretrained models add ImageNet's when None)."
+    for t in self.train.after_batch:
+        if isinstance(t, Normalize): return (t.mean, t.std)
+    return None
+
+# %% nbs/04_datablock.ipynb (id: 8f25801e)
+@patch
+def test_dl(self: TfmdDataLoaders, test_items, rm_type_tfms=0, with_labels=False, bs=None, **kwargs):
+    "A loader over new inputs (files, images...: what `get_x` returns, unless `with_labels`) through the validation pipeline."
+    ds = self.valid.dataset
+    n_inp = ds.n_inp
+    if with_labels: tfms = [Pipeline(p.fs[rm_type_tfms:]) if i < n_inp else p for i, p in enumerate(ds.tfms)]
+    else: tfms = [Pipeline([t for t in p.fs if not getattr(t, 'is_getter', False)][rm_type_tfms:]) for p in ds.tfms[:n_inp]]
+    test_ds = Datasets(listify(test_items) if not isinstance(test_items, L) else test_items, tfms=tfms,
+                       n_inp=n_inp, do_setup=False, split_idx=1)
+    return self.valid.new(test_ds, shuffle=False, drop_last=False, bs=bs or self.valid.bs, split_idx=1, **kwargs)
+
+# %% nbs/04_datablock.ipynb (id: 3e94a559)
+def _tensor_type(name):
+    "The tensor class registered as `name` (a spec's batch type), else `torch.Tensor`."
+    if name is None: return torch.Tensor
+    try: return registered(name, torch.Tensor)
+    except KeyError: return torch.Tensor
+
+
+
+@patch
+def _batch_types(self: TfmdDataLoaders):
+    "The types of a batch's elements (from a batch made already, else one validation or training batch), or None."
+    for dl in (self.valid, self.train):
+        if dl._types is None and dl.n:
+            try: dl.one_batch()
+            except Exception: pass
+        if dl._types is not None: return dl._types
+    return None
+
+
+@patch
+def spec(self: TfmdDataLoaders):
+    "The validation pipeline as JSON-able plain data: x and y type transforms, item and batch transforms, vocab, n_inp, batch types."
+    ds, dl = self.valid.dataset, self.valid
+    res = {'n_inp': ds.n_inp,
+           'x_tfms': [[t.to_dict() for t in p if not getattr(t, 'is_getter', False)] for p in ds.tfms[:ds.n_inp]],
+           'item_tfms': [t.to_dict() for t in dl.after_item],
+           'batch_tfms': [t.to_dict() for t in dl.after_batch],
+           'vocab': _plain(list(self.vocab)) if self.vocab is not None else None}
+    y = [[t for t in p if not getattr(t, 'is_getter', False)] for p in ds.tfms[ds.n_inp:]]
+    if all(exportable_name(getattr(t, '_func', None) or type(t)) is not None for p in y for t in p):
+        res['y_tfms'] = [[t.to_dict() for t in p] for p in y]       # how predictions decode (only exp's own transforms)
+    types = self._batch_types()
+    if types: res['types'] = [None if t is torch.Tensor else exportable_name(t) for t in types]
+    return res
+
+
+@patch(cls_method=True)
+def from_spec(cls: TfmdDataLoaders, spec, path='.', device=None, bs=64):
+    "Loaders (without data) rebuilt from `spec()`: enough for `test_dl`, `vocab` and `decode`."
+    x_tfms = [[Transform.from_dict(d) for d in p] for p in spec['x_tfms']]
+    if spec.get('y_tfms') is not None: y_tfms = [[Transform.from_dict(d) for d in p] for p in spec['y_tfms']]
+    else: y_tfms = [[Categorize(vocab=spec['vocab'], sort=False)]] if spec.get('vocab') is not None else []
+    ds = Datasets([], tfms=x_tfms + y_tfms, splits=[[], []], n_inp=spec['n_inp'], do_setup=False)
+    item = [Transform.from_dict(d) for d in spec['item_tfms']]
+    batch = [Transform.from_dict(d) for d in spec['batch_tfms']]
+    dls = [TfmdDL(ds.subset(i), bs=bs, after_item=item, after_batch=batch, split_idx=i, device=device, num_workers=0)
+           for i in range(2)]
+    types = [_tensor_type(n) for n in spec.get('types') or []]
+    for dl in dls: dl._types = tuple(types) or None
+    return cls(*dls, path=path)
 
 # %% nbs/04_datablock.ipynb (id: f55d805c)
 class TransformBlock:

@@ -572,7 +572,7 @@ def read_export(fname):
     _check_header(header, name)
     return header, tensors
 
-
+# %% nbs/07a_export.ipynb (id: 5cfc6138)
 def _fit_weights(model, tensors, name):
     sd = model.state_dict()
     missing, extra = sorted(sd.keys() - tensors.keys()), sorted(tensors.keys() - sd.keys())

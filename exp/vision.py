@@ -477,7 +477,7 @@ class Resize(Transform):
         pad = [(t, h - nh - t), (l, w - nw - l)] + [(0, 0)] * (r.ndim - 2)
         return _same_type(PIL.Image.fromarray(np.pad(r, pad, mode=_NP_PAD[self.pad_mode])), im)
 
-
+# %% nbs/04a_vision.ipynb (id: a5167f44)
 @exportable
 class RandomResizedCrop(Transform):
     "Crop a random region (`min_scale` to `max_scale` of the area, aspect in `ratio`) and resize to `size`; centre crop on valid."
@@ -653,7 +653,7 @@ class AffineCoordTfm(Transform):
             return m.as_subclass(torch.Tensor)[:, 0].as_subclass(TensorMask)
         return warp_images(x, self._mat, self.size, self.mode, self.pad_mode, self.align_corners)
 
-
+# %% nbs/04a_vision.ipynb (id: 0e094ee4)
 @exportable
 class Flip(AffineCoordTfm):
     "Mirror images left-right with probability `p`."
@@ -702,7 +702,7 @@ class Zoom(AffineCoordTfm):
         m[:, 0, 2], m[:, 1, 2] = (1 - s) * (torch.rand(n) * 2 - 1), (1 - s) * (torch.rand(n) * 2 - 1)
         return m
 
-
+# %% nbs/04a_vision.ipynb (id: 359c0826)
 def _square_to_quad(q):
     "Homographies (n,3,3) sending the unit square's corners (0,0),(1,0),(1,1),(0,1) to quadrilaterals `q` (n,4,2)."
     x0, y0, x1, y1, x2, y2, x3, y3 = q.reshape(-1, 8).unbind(1)
