@@ -41,7 +41,10 @@ runs 4.4-4.7 epochs in the minute where v2 ran 3.1-3.4; seed-0 trials of the alt
 full-resolution stem) all scored 0.930-0.936 (bench/RESULTS.md). `torch.compile` compiles inside the budget: with
 Inductor's on-disk cache warm (any earlier run of the same model here) the first batch takes ~2 s; a cold cache
 spends ~30 s of the minute compiling, so the first run on a new machine is no record (the first-batch seconds
-are printed); `60s-eager` is the same recipe without compiling.
+are printed); `60s-eager` is the same recipe without compiling. Third pass (2026-12-05, afternoon): progressive
+resizing (`--set small=20 --set small_until=0.5`: 20-px batches for the first half of the budget), Inductor's
+max-autotune (`--set mode=max-autotune-no-cudagraphs`) and larger nets did not beat v3; bench/cpu_probes.py
+shows where the step's time goes instead.
 """
 import argparse, logging, math, os, platform, statistics, sys, time
 from pathlib import Path
@@ -63,7 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run_notebook import default_threads            # the cores other processes leave idle (by the load average)
 
 _BASE = dict(arch='xresnet_mini', seconds=59.0, bs=256, lr=2e-2, wd=0.05, label_smoothing=0.1, flip=0.5, pad=0, erase=0.,
-             bf16='auto', channels_last=True, compile=False, ema=0., tta='flip', pct_start=0.25, target=0.930)
+             bf16='auto', channels_last=True, compile=False, ema=0., tta='flip', pct_start=0.25, small=0, small_until=0.,
+             mode='default', target=0.930)
 RECIPES = {
     '60s': dict(_BASE, bs=128, lr=1e-2, compile=True, target=0.935),   # v3: batches of 128, compiled (warm cache: ~2 s)
     '60s-eager': dict(_BASE, bs=128, lr=1e-2, target=0.935),           # the same without torch.compile
@@ -187,6 +191,15 @@ class CountBatches(Callback):
         if learn.training: self.n_batches += 1
 
 
+class SmallFirst(Callback):
+    "Progressive resizing: train on batches resized to `size` px until `pct_train` reaches `until`, then at full size."
+    order = -10                                      # after TimeBudget has set pct_train
+    def __init__(self, size, until): self.size, self.until = size, until
+    def before_batch(self, learn):
+        if learn.training and learn.pct_train < self.until:
+            learn.xb = tuple(F.interpolate(x, size=self.size, mode='bilinear', antialias=True) for x in learn.xb)
+
+
 class ShiftInputs(Callback):
     "Shift each batch's inputs by (dy, dx) pixels, filling with `fill` (test-time shifts)."
     def __init__(self, dy, dx, fill): self.dy, self.dx, self.fill = dy, dx, fill
@@ -206,6 +219,11 @@ def evaluate(learn, test, fill):
         for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
             cbs = ([FlipInputs()] if flip else []) + ([ShiftInputs(dy, dx, fill)] if (dy, dx) != (0, 0) else [])
             views[flip, dy, dx], targs = learn.get_preds(dl=test, cbs=cbs)
+    return view_accuracies(views, targs), (views, targs)
+
+
+def view_accuracies(views, targs):
+    "Accuracy of the plain view, of flips (2 views averaged) and of flips x shifts (all 10)."
     acc = lambda p: (p.argmax(1) == targs).float().mean().item()
     return {'none': acc(views[False, 0, 0]), 'flip': acc(views[False, 0, 0] + views[True, 0, 0]),
             'flip+shift': acc(sum(views.values()))}
@@ -239,11 +257,13 @@ def run(name, seed=0, overrides=None, epochs=None):
     torch.manual_seed(seed)
     dls, test, fill = fashion_mnist_loaders(r['bs'], r['flip'], r['pad'], r['erase'])
     model = ARCHS[r['arch']](c_in=1, n_out=10)
-    if r['compile']: model = torch.compile(model)                    # compiles in the first batches: inside the budget
+    if r['compile']:                                                 # compiles in the first batches: inside the budget
+        model = torch.compile(model, mode=r['mode'], dynamic=False if r['small'] else None)
     ema = EMA(r['ema']) if r['ema'] else None
     cbs = ([MixedPrecision(torch.bfloat16)] if r['bf16'] else []) + ([ChannelsLast()] if r['channels_last'] else [])
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(label_smoothing=r['label_smoothing']), lr=r['lr'], wd=r['wd'],
-                    cbs=cbs + ([ema] if ema else []), device='cpu')
+                    cbs=cbs + ([ema] if ema else []) + ([SmallFirst(r['small'], r['small_until'])] if r['small'] else []),
+                    device='cpu')
     if not r['bf16']: learn.to_fp32()                                # fp32 even if the Learner would pick bf16 itself
     clock = TimeBudget(r['seconds']) if epochs is None else CountBatches()
     load0 = os.getloadavg()[0]
@@ -254,15 +274,17 @@ def run(name, seed=0, overrides=None, epochs=None):
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     with learn.no_bar():
-        accs = {'raw': evaluate(learn, test, fill)}
+        accs, preds = {}, {}
+        accs['raw'], preds['raw'] = evaluate(learn, test, fill)
         if ema:
-            ema.swap(); accs['ema'] = evaluate(learn, test, fill); ema.swap()
+            ema.swap(); accs['ema'], preds['ema'] = evaluate(learn, test, fill); ema.swap()
     eval_s = time.perf_counter() - t1
     counted = accs['ema' if ema else 'raw'][r['tta']]
     return dict(recipe=name, seed=seed, settings=r, train_s=train_s, eval_s=eval_s, batches=clock.n_batches, epochs_asked=epochs,
                 first_s=first.seconds,
                 epochs=clock.n_batches * r['bs'] / len(dls.train.tensors[0]), accs=accs, acc=counted,
-                load=(load0, os.getloadavg()[0]), others=other.cores, threads=torch.get_num_threads())
+                load=(load0, os.getloadavg()[0]), others=other.cores, threads=torch.get_num_threads(),
+                preds=preds['ema' if ema else 'raw'])
 
 
 def describe(r):
@@ -272,7 +294,8 @@ def describe(r):
     if r['erase']: parts.append(f"random erasing p={r['erase']}")
     parts.append('bf16 autocast' if r['bf16'] is True else 'bf16 where native' if r['bf16'] == 'auto' else 'fp32')
     if r['channels_last']: parts.append('channels_last')
-    if r['compile']: parts.append('torch.compile')
+    if r['compile']: parts.append('torch.compile' + (f" ({r['mode']})" if r['mode'] != 'default' else ''))
+    if r['small']: parts.append(f"{r['small']} px until {r['small_until']:.0%} of the budget")
     if r['ema']: parts.append(f"weight EMA {r['ema']} (counted)")
     parts.append(f"schedule over a {r['seconds']:.0f} s budget (TimeBudget)")
     parts.append(f"counted view: {r['tta']}")
@@ -325,6 +348,17 @@ def summary(runs):
           + ('  (some runs shared the machine: not a record)' if any(busy) else ''))
 
 
+def ensemble(files):
+    "Accuracy of each saved run and of their average (the probabilities of each view averaged over the runs)."
+    runs = [torch.load(f) for f in files]
+    targs = runs[0][1]
+    for f, (views, t) in zip(files, runs):
+        if not torch.equal(t, targs): raise SystemExit(f'{f}: other targets than {files[0]}: not runs of this test set')
+        print(f'{f}: ' + ', '.join(f'{a:.4f} {v}' for v, a in view_accuracies(views, t).items()))
+    mean = {k: sum(views[k] for views, _ in runs) / len(runs) for k in runs[0][0]}
+    print(f'ensemble of {len(runs)}: ' + ', '.join(f'{a:.4f} {v}' for v, a in view_accuracies(mean, targs).items()))
+
+
 def _value(old, text):
     "Parse `text` as the type of `old` (bool, int, float, str; 'auto' stays a string)."
     if isinstance(old, bool) or text.lower() in ('true', 'false'): return text.lower() in ('1', 'true', 'yes', 'on')
@@ -347,7 +381,12 @@ def main(argv=None):
     ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: auto, see default_threads)')
     ap.add_argument('--list', action='store_true', help='print the recipes and exit')
+    ap.add_argument('--save-preds', default=None, metavar='DIR',
+                    help="save each run's test probabilities (the counted weights, all 10 views) to DIR/RECIPE-seedN.pt")
+    ap.add_argument('--ensemble', nargs='+', default=None, metavar='FILE',
+                    help='print the accuracy of the average of runs saved with --save-preds, and exit')
     args = ap.parse_args(argv)
+    if args.ensemble: return ensemble(args.ensemble)
     if args.list:
         for k, r in RECIPES.items(): print(f'{k:9s} target {r["target"]:.3f}: {describe(r)}')
         print(f'archs: {", ".join(ARCHS)}; tta: {", ".join(TTAS)}; native_bf16("cpu"): {native_bf16("cpu")}')
@@ -372,6 +411,9 @@ def main(argv=None):
         for seed in seeds:
             runs.append(run(name, seed, overrides, args.epochs))
             report(runs[-1])
+            if args.save_preds:
+                Path(args.save_preds).mkdir(parents=True, exist_ok=True)
+                torch.save(runs[-1]['preds'], Path(args.save_preds) / f'{name}-seed{seed}.pt')
             sys.stdout.flush()
         if len(runs) > 1: summary(runs)
 
