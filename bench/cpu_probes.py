@@ -127,12 +127,12 @@ def probe_threads(rounds, seconds):
         out, _ = p.communicate()
         if p.returncode: raise RuntimeError(f'a probe process failed (exit {p.returncode})')
         return float(out.split()[-1])
-    best = {'1 process x 2 threads': 0., '1 process x 1 thread': 0., '2 processes x 1 thread (sum)': 0.}
+    runs = {'1 process x 2 threads': lambda: wait(start(2)),
+            '1 process x 1 thread': lambda: wait(start(1)),
+            '2 processes x 1 thread (sum)': lambda: sum(wait(p) for p in [start(1), start(1)])}   # both start, then wait
+    best = dict.fromkeys(runs, 0.)
     for r in range(rounds):
-        best['1 process x 2 threads'] = max(best['1 process x 2 threads'], wait(start(2)))
-        best['1 process x 1 thread'] = max(best['1 process x 1 thread'], wait(start(1)))
-        pair = [start(1), start(1)]
-        best['2 processes x 1 thread (sum)'] = max(best['2 processes x 1 thread (sum)'], sum(wait(p) for p in pair))
+        for k, run in runs.items(): best[k] = max(best[k], run())
         print(f'round {r + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})', flush=True)
     one = best['1 process x 1 thread']
     print(f'threads: the compiled recipe step (xresnet_mini, batch {BS}, bf16, channels_last); images/s, best of {rounds}')
