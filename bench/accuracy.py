@@ -11,9 +11,10 @@ Each recipe trains an XResNet from exp.xresnet on the 60,000 training images hel
 image decoding), with one-cycle AdamW driven by the clock (exp.xresnet.TimeBudget: the schedule warms up, peaks
 and anneals over the time budget, whatever the machine's speed today), bf16 autocast where the CPU has native bf16
 (AMX or AVX512-BF16; `--bf16`/`--no-bf16` force it) and channels_last (exp.callbacks), label smoothing, flips and
-optionally 1-2 pixel shifts and random erasing; optionally an exponential moving average of the weights (`ema`) and
-`torch.compile` (compiled inside the budget: its seconds count). It is then evaluated on the 10,000 test images,
-plain and with test-time augmentation: flips (exp.vision_learner.flip_tta) and flips x 1-pixel shifts (10 views).
+optionally 1-2 pixel shifts and random erasing; optionally an exponential moving average of the weights (`ema`)
+and `torch.compile` through `learn.compile()` (compiled inside the budget: its seconds count). It is then
+evaluated on the 10,000 test images, plain and with test-time augmentation: flips (exp.vision_learner.flip_tta)
+and flips x 1-pixel shifts (10 views).
 The record counts the view the recipe names (`tta`). Training seconds are measured in-process around `fit` (no
 validation runs during training); evaluation is timed separately. With several seeds (`--seeds`, default 0,1,2)
 the script prints each run and then the mean, the standard deviation and the range over the seeds, and how many
@@ -22,7 +23,9 @@ seeds reached the target.
 The machine's load decides how many batches fit in a budget: the script prints the 1-minute load average before
 and after each run, and measures how many cores other processes kept busy during training (/proc/stat minus this
 process's CPU time; the load average would count this script's own previous seed). A run during which others used
-more than a quarter of a core is marked as not counting for the record.
+more than a quarter of a core is marked as not counting for the record. Each run also prints the machine's own speed, the
+GFLOP/s of a bf16 matmul (fp32 without native bf16) just before and after training: on this shared host it changes
+by a fifth or more within an hour with no other process visible, and the batches a budget holds change with it.
 `--epochs N` trains for N epochs of one-cycle instead of a time budget: accuracy after N epochs does not depend
 on the load, so recipes can be compared on a busy machine (and their epochs per minute measured on a quiet one).
 
@@ -44,7 +47,11 @@ spends ~30 s of the minute compiling, so the first run on a new machine is no re
 are printed); `60s-eager` is the same recipe without compiling. Third pass (2026-12-05, afternoon): progressive
 resizing (`--set small=20 --set small_until=0.5`: 20-px batches for the first half of the budget), Inductor's
 max-autotune (`--set mode=max-autotune-no-cudagraphs`) and larger nets did not beat v3; bench/cpu_probes.py
-shows where the step's time goes instead.
+shows where the step's time goes instead. Fourth pass: Inductor's C++ wrapper (`--set wrapper=cpp`: the generated
+code calls its kernels from C++ instead of Python) trains 1.01-1.02x faster than its Python wrapper in the same
+run (`bench/cpu_probes.py wrapper`): no lever, so the recipes keep the default. The 10-minute recipe v4 goes back to
+v1's augmentation (1-pixel shifts, no random erasing): v3's (2-pixel shifts, erasing a quarter of the images) cost
+it about 0.3 points in 26 epochs (bench/RESULTS.md, fourth pass).
 """
 import argparse, logging, math, os, platform, statistics, sys, time
 from pathlib import Path
@@ -64,16 +71,19 @@ from exp.xresnet import BatchFlipShift, ResBlock, TimeBudget, XResNet, xresnet_m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run_notebook import default_threads            # the cores other processes leave idle (by the load average)
+from efficiency import matmul_gflops                # bench/efficiency.py: the machine's matmul speed, measured now
 
 _BASE = dict(arch='xresnet_mini', seconds=59.0, bs=256, lr=2e-2, wd=0.05, label_smoothing=0.1, flip=0.5, pad=0, erase=0.,
              bf16='auto', channels_last=True, compile=False, ema=0., tta='flip', pct_start=0.25, small=0, small_until=0.,
-             mode='default', target=0.930)
+             mode='default', wrapper='python', target=0.930)
 RECIPES = {
     '60s': dict(_BASE, bs=128, lr=1e-2, compile=True, target=0.935),   # v3: batches of 128, compiled (warm cache: ~2 s)
     '60s-eager': dict(_BASE, bs=128, lr=1e-2, target=0.935),           # the same without torch.compile
     '60s-v2': dict(_BASE, target=0.935),                       # v1 + native-bf16 check: 0.9270 (3 seeds, 2026-12-05)
-    '10min': dict(_BASE, arch='xresnet_small', seconds=595.0, bs=128, lr=1e-2, pad=2, erase=0.25, compile=True,
-                  tta='flip+shift', target=0.955),             # v3: 0.9469 (3 seeds, 2026-12-05); final weights (EMA scored lower)
+    '10min': dict(_BASE, arch='xresnet_small', seconds=595.0, bs=128, lr=1e-2, pad=1, compile=True,
+                  tta='flip+shift', target=0.955),             # v4: v3 with v1's augmentation (1-px shifts, no erasing)
+    '10min-v3': dict(_BASE, arch='xresnet_small', seconds=595.0, bs=128, lr=1e-2, pad=2, erase=0.25, compile=True,
+                     tta='flip+shift', target=0.955),          # 0.9469 (3 seeds, 2026-12-05); final weights (EMA scored lower)
     '10min-v2': dict(_BASE, arch='xresnet_small', seconds=595.0, lr=1e-2, pad=2, erase=0.25, ema=0.999, compile=True,
                      tta='flip+shift', target=0.955),          # first pass: 0.9463 final weights, 0.9450 EMA (seed 0)
     '60s-v1': dict(_BASE),                                                              # issue 6: 0.9334 (seed 0)
@@ -251,6 +261,11 @@ class OtherLoad:
         self.cores = None if self.m0 is None else max(0., (m1 - self.m0) - (time.process_time() - self.p0)) / wall
 
 
+def machine_speed():
+    "bf16 GFLOP/s of a 2048x2048 matmul now (fp32 where the CPU lacks native bf16): how fast the machine runs today."
+    return matmul_gflops(2048, torch.bfloat16 if native_bf16('cpu') else torch.float32)
+
+
 # ------------------------------------------------------------------ one run
 def run(name, seed=0, overrides=None, epochs=None):
     "Train recipe `name` (with `overrides`) once; return a dict: settings, training seconds, batches, accuracies."
@@ -259,21 +274,23 @@ def run(name, seed=0, overrides=None, epochs=None):
     torch.manual_seed(seed)
     dls, test, fill = fashion_mnist_loaders(r['bs'], r['flip'], r['pad'], r['erase'])
     model = ARCHS[r['arch']](c_in=1, n_out=10)
-    if r['compile']:                                                 # compiles in the first batches: inside the budget
-        model = torch.compile(model, mode=r['mode'], dynamic=False if r['small'] else None)
     ema = EMA(r['ema']) if r['ema'] else None
     cbs = ([MixedPrecision(torch.bfloat16)] if r['bf16'] else []) + ([ChannelsLast()] if r['channels_last'] else [])
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(label_smoothing=r['label_smoothing']), lr=r['lr'], wd=r['wd'],
                     cbs=cbs + ([ema] if ema else []) + ([SmallFirst(r['small'], r['small_until'])] if r['small'] else []),
                     device='cpu')
     if not r['bf16']: learn.to_fp32()                                # fp32 even if the Learner would pick bf16 itself
+    if r['compile']:                    # in place; compiles in the first batches, inside the budget
+        how = dict(options={'cpp_wrapper': True}) if r['wrapper'] == 'cpp' else dict(mode=r['mode'])   # one or the other
+        learn.compile(dynamic=False if r['small'] else None, **how)
     clock = TimeBudget(r['seconds']) if epochs is None else CountBatches()
-    load0 = os.getloadavg()[0]
+    load0, speed0 = os.getloadavg()[0], machine_speed()
     t0 = time.perf_counter()
     first = FirstBatch()
     with learn.no_bar(), learn.no_logging(), OtherLoad() as other:
         learn.fit_one_cycle(10_000 if epochs is None else epochs, r['lr'], pct_start=r['pct_start'], cbs=[clock, first])
     train_s = time.perf_counter() - t0
+    speed1 = machine_speed()
     t1 = time.perf_counter()
     with learn.no_bar():
         accs, preds = {}, {}
@@ -285,7 +302,7 @@ def run(name, seed=0, overrides=None, epochs=None):
     return dict(recipe=name, seed=seed, settings=r, train_s=train_s, eval_s=eval_s, batches=clock.n_batches, epochs_asked=epochs,
                 first_s=first.seconds,
                 epochs=clock.n_batches * r['bs'] / len(dls.train.tensors[0]), accs=accs, acc=counted,
-                load=(load0, os.getloadavg()[0]), others=other.cores, threads=torch.get_num_threads(),
+                load=(load0, os.getloadavg()[0]), speed=(speed0, speed1), others=other.cores, threads=torch.get_num_threads(),
                 preds=preds['ema' if ema else 'raw'])
 
 
@@ -296,7 +313,8 @@ def describe(r):
     if r['erase']: parts.append(f"random erasing p={r['erase']}")
     parts.append('bf16 autocast' if r['bf16'] is True else 'bf16 where native' if r['bf16'] == 'auto' else 'fp32')
     if r['channels_last']: parts.append('channels_last')
-    if r['compile']: parts.append('torch.compile' + (f" ({r['mode']})" if r['mode'] != 'default' else ''))
+    if r['compile']: parts.append('torch.compile' + (' with a C++ wrapper' if r['wrapper'] == 'cpp' else
+                                                     f" ({r['mode']})" if r['mode'] != 'default' else ''))
     if r['small']: parts.append(f"{r['small']} px until {r['small_until']:.0%} of the budget")
     if r['ema']: parts.append(f"weight EMA {r['ema']} (counted)")
     parts.append(f"schedule over a {r['seconds']:.0f} s budget (TimeBudget)")
@@ -328,6 +346,8 @@ def report(res):
           f"before/after: {res['load'][0]:.2f} / {res['load'][1]:.2f} on {os.cpu_count()} cores"
           f"{' (BUSY MACHINE: this run does not count for the record)' if busy else ''}; torch {torch.__version__}, "
           f"{res['threads']} threads, {platform.processor() or platform.machine()}")
+    print(f"machine speed (2048x2048 {'bf16' if native_bf16('cpu') else 'fp32'} matmul, this process's threads) before/after "
+          f"training: {res['speed'][0]:,.0f} / {res['speed'][1]:,.0f} GFLOP/s: the same recipe holds fewer batches on a slower day")
 
 
 def summary(runs):
@@ -345,6 +365,8 @@ def summary(runs):
             print(f"  {k:3s} weights, {v:10s}: mean {statistics.mean(a):.4f}  range {min(a):.4f}-{max(a):.4f}")
     tr = [x['train_s'] for x in runs]; ep = [x['epochs'] for x in runs]
     busy = [x['others'] is not None and x['others'] > 0.25 for x in runs]
+    sp = [v for x in runs for v in x['speed']]
+    print(f"machine speed {min(sp):,.0f}-{max(sp):,.0f} GFLOP/s (matmul, before/after each run)")
     print(f"training seconds {min(tr):.1f}-{max(tr):.1f}, epochs {min(ep):.2f}-{max(ep):.2f}; cores used by other processes: "
           + ', '.join('n/a' if x['others'] is None else f"{x['others']:.2f}" for x in runs)
           + ('  (some runs shared the machine: not a record)' if any(busy) else ''))
@@ -402,6 +424,8 @@ def main(argv=None):
     if args.bf16 is not None: overrides['bf16'] = args.bf16
     if overrides.get('arch', 'xresnet_mini') not in ARCHS: ap.error(f'arch: one of {", ".join(ARCHS)}')
     if overrides.get('tta', 'flip') not in TTAS: ap.error(f'tta: one of {", ".join(TTAS)}')
+    if overrides.get('wrapper') == 'cpp' and overrides.get('mode', 'default') != 'default': ap.error('wrapper=cpp: only with mode=default')
+    if overrides.get('wrapper', 'python') not in ('python', 'cpp'): ap.error('wrapper: python or cpp')
     seeds = [args.seed] if args.seed is not None else [int(s) for s in args.seeds.split(',')]
     torch.set_num_threads(args.threads or default_threads(os.cpu_count() or 1, 1))
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)   # compile: "no CUDA runtime", expected on a CPU

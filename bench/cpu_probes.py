@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Where a compiled xresnet_mini training step loses time on this CPU: three probes (issue 18, third pass).
+"""Where a compiled xresnet_mini training step loses time on this CPU: four probes (issue 18, third and fourth passes).
 
     .venv/bin/python bench/cpu_probes.py conv       # each 3x3 conv: forward, input grad, weight grad (oneDNN) vs a matmul
     .venv/bin/python bench/cpu_probes.py threads    # 1 process x 2 threads vs 2 processes x 1 thread (running at once)
     .venv/bin/python bench/cpu_probes.py kernels    # the compiled step's largest ops and Inductor kernels
+    .venv/bin/python bench/cpu_probes.py wrapper    # Inductor's Python wrapper vs its C++ wrapper
     .venv/bin/python bench/cpu_probes.py all
 
 The step is the 60-second recipe's (bench/accuracy.py `--recipe 60s`): xresnet_mini, batches of 128 at 28 px, bf16
@@ -20,6 +21,12 @@ of `--rounds`. The two-process sum is what the cores can do when no kernel waits
 
 kernels: `torch.profiler` over 20 steps, with Inductor's kernel profiling on, so that the fused kernels (BatchNorm,
 ReLU, residual adds: one C++ kernel each) are named; the largest entries by self CPU time.
+
+wrapper: training images/s of the step compiled two ways, for the two recipes' nets (xresnet_mini, xresnet_small):
+with Inductor's default Python wrapper (generated Python calls each C++ kernel) and with its C++ wrapper
+(`options={'cpp_wrapper': True}`). Fresh processes on 2 threads, in turns, best of `--rounds`: runs an hour apart
+differ by more than the two wrappers do (the machine's own speed changes), so only a comparison within one run says
+which is faster.
 """
 import argparse, logging, os, statistics, subprocess, sys, time
 from pathlib import Path
@@ -31,18 +38,20 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from exp.callbacks import keep_freed_memory
-from exp.xresnet import xresnet_mini
+from exp.xresnet import xresnet_mini, xresnet_small
+
+ARCHS = {'xresnet_mini': xresnet_mini, 'xresnet_small': xresnet_small}
 
 BS, PX = 128, 28
 
 
-def step_fn(threads, compile=True):
+def step_fn(threads, compile=True, wrapper='python', arch='xresnet_mini'):
     "The recipe's training step on one random batch: a function doing one step."
     torch.set_num_threads(threads)
     keep_freed_memory()
     torch.manual_seed(0)
-    model = xresnet_mini(c_in=1, n_out=10).to(memory_format=torch.channels_last)
-    if compile: model = torch.compile(model)
+    model = ARCHS[arch](c_in=1, n_out=10).to(memory_format=torch.channels_last)
+    if compile: model = torch.compile(model, options={'cpp_wrapper': True} if wrapper == 'cpp' else None)
     opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True)
     x = torch.randn(BS, 1, PX, PX).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (BS,))
@@ -110,26 +119,34 @@ def probe_conv(threads):
 
 
 # ------------------------------------------------------------------ threads
-def child_threads(threads, seconds):
+def child_threads(threads, seconds, wrapper='python', arch='xresnet_mini'):
     "In a fresh process: warm up, then print the step's images/s over about `seconds`."
-    step = step_fn(threads)
+    step = step_fn(threads, wrapper=wrapper, arch=arch)
     for _ in range(8): step()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds: step(); n += 1
     print(f'{n * BS / (time.perf_counter() - t0):.1f}', flush=True)
 
 
+def start(threads, seconds, wrapper='python', arch='xresnet_mini'):
+    "A fresh process timing the step (`child_threads`)."
+    return subprocess.Popen([sys.executable, __file__, '--child', str(threads), '--seconds', str(seconds),
+                             '--wrapper', wrapper, '--arch', arch],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def wait(p):
+    "The images/s a `start`ed process printed."
+    out, _ = p.communicate()
+    if p.returncode: raise RuntimeError(f'a probe process failed (exit {p.returncode})')
+    return float(out.split()[-1])
+
+
 def probe_threads(rounds, seconds):
-    def start(threads):
-        return subprocess.Popen([sys.executable, __file__, '--child', str(threads), '--seconds', str(seconds)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    def wait(p):
-        out, _ = p.communicate()
-        if p.returncode: raise RuntimeError(f'a probe process failed (exit {p.returncode})')
-        return float(out.split()[-1])
-    runs = {'1 process x 2 threads': lambda: wait(start(2)),
-            '1 process x 1 thread': lambda: wait(start(1)),
-            '2 processes x 1 thread (sum)': lambda: sum(wait(p) for p in [start(1), start(1)])}   # both start, then wait
+    start_ = lambda threads: start(threads, seconds)
+    runs = {'1 process x 2 threads': lambda: wait(start_(2)),
+            '1 process x 1 thread': lambda: wait(start_(1)),
+            '2 processes x 1 thread (sum)': lambda: sum(wait(p) for p in [start_(1), start_(1)])}   # both start, then wait
     best = dict.fromkeys(runs, 0.)
     for r in range(rounds):
         for k, run in runs.items(): best[k] = max(best[k], run())
@@ -139,6 +156,21 @@ def probe_threads(rounds, seconds):
     print('| run | images/s | vs 1 thread |')
     print('|---|---:|---:|')
     for k, v in best.items(): print(f'| {k} | {v:,.0f} | {v / one:.2f}x |')
+
+
+# ------------------------------------------------------------------ wrapper
+def probe_wrapper(rounds, seconds, threads):
+    runs = {(arch, wrapper): None for arch in ARCHS for wrapper in ('python', 'cpp')}
+    best = dict.fromkeys(runs, 0.)
+    for r in range(rounds):
+        for arch, wrapper in runs: best[arch, wrapper] = max(best[arch, wrapper], wait(start(threads, seconds, wrapper, arch)))
+        print(f'round {r + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})', flush=True)
+    print(f'wrapper: the compiled recipe step (batch {BS}, bf16, channels_last, {threads} threads); images/s, best of {rounds}')
+    print('| net | Python wrapper | C++ wrapper | C++ / Python |')
+    print('|---|---:|---:|---:|')
+    for arch in ARCHS:
+        py, cpp = best[arch, 'python'], best[arch, 'cpp']
+        print(f'| {arch} | {py:,.0f} | {cpp:,.0f} | {cpp / py:.2f}x |')
 
 
 # ------------------------------------------------------------------ kernels
@@ -163,19 +195,22 @@ def probe_kernels(threads, top):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('probe', nargs='?', default='all', choices=['conv', 'threads', 'kernels', 'all'])
-    ap.add_argument('--threads', type=int, default=2, help='threads for the conv and kernels probes (default 2)')
-    ap.add_argument('--rounds', type=int, default=2, help='threads probe: rounds of fresh processes (default 2)')
-    ap.add_argument('--seconds', type=float, default=8., help='threads probe: seconds each process times (default 8)')
+    ap.add_argument('probe', nargs='?', default='all', choices=['conv', 'threads', 'kernels', 'wrapper', 'all'])
+    ap.add_argument('--threads', type=int, default=2, help='threads for the conv, kernels and wrapper probes (default 2)')
+    ap.add_argument('--rounds', type=int, default=2, help='threads and wrapper probes: rounds of fresh processes (default 2)')
+    ap.add_argument('--seconds', type=float, default=8., help='threads and wrapper probes: seconds each process times (default 8)')
     ap.add_argument('--top', type=int, default=12, help='kernels probe: entries shown (default 12)')
     ap.add_argument('--child', type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument('--wrapper', default='python', help=argparse.SUPPRESS)
+    ap.add_argument('--arch', default='xresnet_mini', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)   # compile: "no CUDA runtime", expected on a CPU
-    if args.child is not None: return child_threads(args.child, args.seconds)
+    if args.child is not None: return child_threads(args.child, args.seconds, args.wrapper, args.arch)
     print(f'torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}', flush=True)
     if args.probe in ('conv', 'all'): probe_conv(args.threads)
     if args.probe in ('threads', 'all'): probe_threads(args.rounds, args.seconds)
     if args.probe in ('kernels', 'all'): probe_kernels(args.threads, args.top)
+    if args.probe in ('wrapper', 'all'): probe_wrapper(args.rounds, args.seconds, args.threads)
 
 
 if __name__ == '__main__':

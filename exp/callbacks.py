@@ -232,6 +232,13 @@ class ChannelsLast(Callback):
     def before_batch(self, learn):
         learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in learn.xb)
 
+# %% nbs/03b_callbacks.ipynb (id: 6941a322)
+@patch
+def compile(self: Learner, **kwargs):
+    "Compile the model in place (`nn.Module.compile`, with `torch.compile`'s `kwargs`); returns the learner."
+    unwrap_model(self.model).compile(**kwargs)
+    return self
+
 # %% nbs/03b_callbacks.ipynb (id: 966a3646)
 def _set_precision(learn, dtype):
     learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, MixedPrecision)])
