@@ -48,8 +48,8 @@ are printed); `60s-eager` is the same recipe without compiling. Third pass (2026
 resizing (`--set small=20 --set small_until=0.5`: 20-px batches for the first half of the budget), Inductor's
 max-autotune (`--set mode=max-autotune-no-cudagraphs`) and larger nets did not beat v3; bench/cpu_probes.py
 shows where the step's time goes instead. Fourth pass: Inductor's C++ wrapper (`--set wrapper=cpp`: the generated
-code calls its kernels from C++ instead of Python) trains 1.01-1.02x faster than its Python wrapper in the same
-run (`bench/cpu_probes.py wrapper`): no lever, so the recipes keep the default. The 10-minute recipe v4 goes back to
+code calls its kernels from C++ instead of Python) trains 1.01-1.04x faster than its Python wrapper, measured in
+the same run (`bench/cpu_probes.py wrapper`, twice): a few percent at most, so the recipes keep the default. The 10-minute recipe v4 goes back to
 v1's augmentation (1-pixel shifts, no random erasing): v3's (2-pixel shifts, erasing a quarter of the images) cost
 it about 0.3 points in 26 epochs (bench/RESULTS.md, fourth pass).
 """
@@ -78,7 +78,7 @@ _BASE = dict(arch='xresnet_mini', seconds=59.0, bs=256, lr=2e-2, wd=0.05, label_
              mode='default', wrapper='python', target=0.930)
 RECIPES = {
     '60s': dict(_BASE, bs=128, lr=1e-2, compile=True, target=0.935),   # v3: batches of 128, compiled (warm cache: ~2 s);
-                                   # 3 seeds: 0.9327 (4.3-4.5 epochs), 0.9359 (4.6-5.0), 0.9308 (3.6-3.7): the machine's speed
+                                   # 3 seeds: 0.9327 (4.3-4.5 epochs), 0.9359 (4.6-5.0), 0.9340 (4.7-5.1), 0.9308 (3.6-3.7)
     '60s-eager': dict(_BASE, bs=128, lr=1e-2, target=0.935),           # the same without torch.compile
     '60s-v2': dict(_BASE, target=0.935),                       # v1 + native-bf16 check: 0.9270 (3 seeds, 2026-12-05)
     '10min': dict(_BASE, arch='xresnet_small', seconds=595.0, bs=128, lr=1e-2, pad=1, compile=True,
@@ -264,7 +264,7 @@ class OtherLoad:
 
 
 def machine_speed():
-    "bf16 GFLOP/s of a 2048x2048 matmul now (fp32 where the CPU lacks native bf16): how fast the machine runs today."
+    "GFLOP/s of a 2048x2048 bf16 matmul (fp32 where the CPU lacks native bf16): how fast the machine runs right now."
     return matmul_gflops(2048, torch.bfloat16 if native_bf16('cpu') else torch.float32)
 
 

@@ -160,10 +160,9 @@ def probe_threads(rounds, seconds):
 
 # ------------------------------------------------------------------ wrapper
 def probe_wrapper(rounds, seconds, threads):
-    runs = {(arch, wrapper): None for arch in ARCHS for wrapper in ('python', 'cpp')}
-    best = dict.fromkeys(runs, 0.)
+    best = {(arch, wrapper): 0. for arch in ARCHS for wrapper in ('python', 'cpp')}
     for r in range(rounds):
-        for arch, wrapper in runs: best[arch, wrapper] = max(best[arch, wrapper], wait(start(threads, seconds, wrapper, arch)))
+        for arch, wrapper in best: best[arch, wrapper] = max(best[arch, wrapper], wait(start(threads, seconds, wrapper, arch)))
         print(f'round {r + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})', flush=True)
     print(f'wrapper: the compiled recipe step (batch {BS}, bf16, channels_last, {threads} threads); images/s, best of {rounds}')
     print('| net | Python wrapper | C++ wrapper | C++ / Python |')
