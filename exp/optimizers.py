@@ -12,7 +12,11 @@ __all__ = ['average_sqr_grad',
            'qhadam_step',
            'QHAdam',
            'lamb_step',
-           'Lamb']
+           'Lamb',
+           'orthogonalize',
+           'orthogonalize_all',
+           'MuonAdamW',
+           'muon_adamw']
 
 # %% nbs/05b_optimizers.ipynb (id: 30820b58)
 import math
@@ -21,6 +25,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from exp.callbacks import native_bf16
+from exp.learner import TorchAdamW
 from exp.minibatch import Optimizer, average_grad, l2_reg, weight_decay
 
 # %% nbs/05b_optimizers.ipynb (id: 5a311627)
@@ -121,3 +127,89 @@ def Lamb(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., decouple_wd=True):
     cbs = [weight_decay] if decouple_wd else [l2_reg]
     cbs += [partial(average_grad, dampening=True), average_sqr_grad, step_stat, lamb_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+
+# %% nbs/05b_optimizers.ipynb (id: c1ac2566)
+def orthogonalize(x, steps=5, eps=1e-7):
+    """Newton-Schulz: for a matrix `x` (or a batch of them, `(B, rows, cols)` with rows <= cols), roughly the nearest
+    matrix with orthonormal rows, `U V^T` from the SVD `U S V^T`: every singular value is moved into about [0.7, 1.2]."""
+    a, b, c = 3.4445, -4.7750, 2.0315                      # Keller Jordan's quintic: fast to leave 0, not exact at 1
+    x = x / x.flatten(-2).norm(dim=-1).clamp(min=eps)[..., None, None]   # singular values <= 1: the iteration converges
+    for _ in range(steps):
+        gram = x @ x.transpose(-2, -1)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a) if x.ndim == 3 else \
+            torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)     # (a + b G + c G²) x
+    return x
+
+# %% nbs/05b_optimizers.ipynb (id: 07e9e8be)
+def orthogonalize_all(gs, steps=5, dtype=torch.bfloat16):
+    """`orthogonalize` each 2-D matrix in `gs` (in `dtype`), a few batched matmuls instead of many small ones: tall ones
+    are transposed, and matrices with the same number of rows are padded with zero columns to one length and stacked.
+    A zero column stays zero through the iteration and changes nothing in the others, so the padding is exact."""
+    wide = [g.T if g.shape[0] > g.shape[1] else g for g in gs]
+    out = [None] * len(gs)
+    by_rows = {}
+    for i, w in enumerate(wide): by_rows.setdefault(w.shape[0], []).append(i)
+    for rows, idx in by_rows.items():
+        x = wide[idx[0]].new_zeros(len(idx), rows, max(wide[i].shape[1] for i in idx), dtype=dtype)
+        for k, i in enumerate(idx): x[k, :, :wide[i].shape[1]] = wide[i]
+        x = orthogonalize(x, steps)
+        for k, i in enumerate(idx):
+            o = x[k, :, :wide[i].shape[1]].to(gs[i].dtype)
+            out[i] = o.T if gs[i].shape[0] > gs[i].shape[1] else o
+    return out
+
+# %% nbs/05b_optimizers.ipynb (id: 99772326)
+class MuonAdamW(TorchAdamW):
+    """Muon for the hidden layers' weights, torch's AdamW for every other parameter, as one optimizer.
+    The hidden weights are the parameters with 2 or more dimensions, in the order the model registers them, less the
+    first and the last (the stem's convolution and the head's linear layer): a convolution's filters are a matrix of
+    `out_channels x (in_channels * kh * kw)`. Their step is the Nesterov momentum of their gradients, orthogonalized
+    (`orthogonalize_all`), scaled by `0.2 * sqrt(max(rows, cols))` so that its RMS is about AdamW's (the
+    "match_rms_adamw" rule of Moonshot's Muon): the same `lr` and `wd` suit both. `mom` is Muon's momentum too."""
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, ns_steps=5, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        mats = [p for g in self.param_groups for p in g['params'] if p.ndim >= 2]
+        self.hidden, self.ns_steps = {id(p) for p in mats[1:-1]}, ns_steps
+        self._dtypes = {}
+
+    def _ns_dtype(self, device):
+        "bf16 where `device` computes in it natively (the iteration tolerates its rounding), else fp32."
+        if device not in self._dtypes: self._dtypes[device] = torch.bfloat16 if native_bf16(device) else torch.float32
+        return self._dtypes[device]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        mine = [[p for p in g['params'] if id(p) in self.hidden and p.grad is not None] for g in self.param_groups]
+        grads = [[p.grad for p in ps] for ps in mine]
+        for ps in mine:
+            for p in ps: p.grad = None                       # AdamW steps only the others...
+        try: super().step()
+        finally:                                             # ...and the hidden weights get their gradients back
+            for ps, gs in zip(mine, grads):
+                for p, g in zip(ps, gs): p.grad = g
+        for group, ps, gs in zip(self.param_groups, mine, grads):
+            if not ps: continue
+            lr, mom, wd = group['lr'], group['betas'][0], group['weight_decay']
+            for p in ps:                                     # a `step` like Adam's: torch's Adam reads it when loading
+                st = self.state[p]
+                if not st: st.update(step=torch.tensor(0.), muon_mom=torch.zeros_like(p))
+                st['step'] += 1
+            bufs = [self.state[p]['muon_mom'] for p in ps]
+            torch._foreach_mul_(bufs, mom); torch._foreach_add_(bufs, gs)
+            nesterov = torch._foreach_add(gs, bufs, alpha=mom)
+            for p, u in zip(ps, orthogonalize_all([n.flatten(1) for n in nesterov], self.ns_steps, self._ns_dtype(ps[0].device))):
+                p.mul_(1 - lr * wd).add_(u.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(u.shape)))
+        return loss
+
+
+def muon_adamw(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, ns_steps=5, **kwargs):
+    "`opt_func`: `MuonAdamW` with `torch_adamw`'s arguments and defaults (its AdamW is torch's fused one where it can be)."
+    params = list(params)
+    kwargs = dict(lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, ns_steps=ns_steps, **kwargs)
+    if 'fused' not in kwargs and 'foreach' not in kwargs:
+        try: return MuonAdamW(params, fused=True, **kwargs)
+        except RuntimeError: kwargs['foreach'] = True
+    return MuonAdamW(params, **kwargs)
