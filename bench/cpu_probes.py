@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Where a compiled xresnet_mini training step loses time on this CPU: four probes (issue 18, third and fourth passes).
+"""Where a compiled xresnet_mini training step loses time on this CPU: five probes (issue 18, third to fifth passes).
 
     .venv/bin/python bench/cpu_probes.py conv       # each 3x3 conv: forward, input grad, weight grad (oneDNN) vs a matmul
     .venv/bin/python bench/cpu_probes.py threads    # 1 process x 2 threads vs 2 processes x 1 thread (running at once)
     .venv/bin/python bench/cpu_probes.py kernels    # the compiled step's largest ops and Inductor kernels
     .venv/bin/python bench/cpu_probes.py wrapper    # Inductor's Python wrapper vs its C++ wrapper
+    .venv/bin/python bench/cpu_probes.py optimizer  # what Muon's step costs (exp.optimizers.muon_adamw) against AdamW's
     .venv/bin/python bench/cpu_probes.py all
 
 The step is the 60-second recipe's (bench/accuracy.py `--recipe 60s`): xresnet_mini, batches of 128 at 28 px, bf16
@@ -27,6 +28,12 @@ with Inductor's default Python wrapper (generated Python calls each C++ kernel) 
 (`options={'cpp_wrapper': True}`). Fresh processes on 2 threads, in turns, best of `--rounds`: runs an hour apart
 differ by more than the two wrappers do (the machine's own speed changes), so only a comparison within one run says
 which is faster.
+
+optimizer: the cost of `exp.optimizers.muon_adamw` (the 60-second recipe v4's optimizer) against torch's fused AdamW
+(`exp.learner.torch_adamw`, v3's), in one process: the optimizer step alone on xresnet_mini's parameters with fixed
+random gradients; its Newton-Schulz part (`orthogonalize_all` of the 9 hidden weights), stacked as the optimizer
+runs it and one matrix at a time; and the whole compiled training step with each optimizer. Medians of 30 calls,
+the two optimizers in turns, best of `--rounds`.
 """
 import argparse, logging, os, statistics, subprocess, sys, time
 from pathlib import Path
@@ -38,6 +45,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from exp.callbacks import keep_freed_memory
+from exp.learner import torch_adamw
+from exp.optimizers import muon_adamw, orthogonalize_all
 from exp.xresnet import xresnet_mini, xresnet_small
 
 ARCHS = {'xresnet_mini': xresnet_mini, 'xresnet_small': xresnet_small}
@@ -45,14 +54,14 @@ ARCHS = {'xresnet_mini': xresnet_mini, 'xresnet_small': xresnet_small}
 BS, PX = 128, 28
 
 
-def step_fn(threads, compile=True, wrapper='python', arch='xresnet_mini'):
-    "The recipe's training step on one random batch: a function doing one step."
+def step_fn(threads, compile=True, wrapper='python', arch='xresnet_mini', opt_func=None):
+    "The recipe's training step on one random batch (fused AdamW, or `opt_func`'s optimizer): a function doing one step."
     torch.set_num_threads(threads)
     keep_freed_memory()
     torch.manual_seed(0)
     model = ARCHS[arch](c_in=1, n_out=10).to(memory_format=torch.channels_last)
     if compile: model = torch.compile(model, options={'cpp_wrapper': True} if wrapper == 'cpp' else None)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True) if opt_func is None else opt_func(model.parameters(), lr=1e-3)
     x = torch.randn(BS, 1, PX, PX).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (BS,))
     def step():
@@ -192,11 +201,38 @@ def probe_kernels(threads, top):
         print(f'| `{name}` | {e.self_cpu_time_total / 20e3:.2f} | {e.self_cpu_time_total / total:.1%} |')
 
 
+# ------------------------------------------------------------------ optimizer
+def probe_optimizer(rounds, threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = xresnet_mini(c_in=1, n_out=10)
+    for p in model.parameters(): p.grad = torch.randn_like(p) * 1e-3
+    opts = {'torch_adamw': torch_adamw(model.parameters(), lr=1e-6), 'muon_adamw': muon_adamw(model.parameters(), lr=1e-6)}
+    gs = [p.grad.flatten(1) for p in model.parameters() if id(p) in opts['muon_adamw'].hidden]
+    steps = {name: step_fn(threads, opt_func=f) for name, f in (('torch_adamw', torch_adamw), ('muon_adamw', muon_adamw))}
+    rows = {'optimizer step, torch_adamw': lambda: opts['torch_adamw'].step(),
+            'optimizer step, muon_adamw': lambda: opts['muon_adamw'].step(),
+            f'orthogonalize_all, {len(gs)} matrices stacked': lambda: orthogonalize_all(gs),
+            f'orthogonalize_all, {len(gs)} matrices one at a time': lambda: [orthogonalize_all([g]) for g in gs],
+            'compiled training step, torch_adamw': steps['torch_adamw'],
+            'compiled training step, muon_adamw': steps['muon_adamw']}
+    best = {k: float('inf') for k in rows}
+    for r in range(rounds):
+        for k, f in rows.items(): best[k] = min(best[k], ms(f))
+    print(f'optimizer: xresnet_mini, {threads} threads, median ms of 30 calls, best of {rounds} rounds in turns '
+          f'(load {os.getloadavg()[0]:.2f})')
+    print('| what | ms |')
+    print('|---|---:|')
+    for k, v in best.items(): print(f'| {k} | {v:.2f} |')
+    a, m = best['compiled training step, torch_adamw'], best['compiled training step, muon_adamw']
+    print(f'muon_adamw\'s training step: {m / a:.2f}x torch_adamw\'s ({BS * 1e3 / m:,.0f} against {BS * 1e3 / a:,.0f} images/s)')
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('probe', nargs='?', default='all', choices=['conv', 'threads', 'kernels', 'wrapper', 'all'])
+    ap.add_argument('probe', nargs='?', default='all', choices=['conv', 'threads', 'kernels', 'wrapper', 'optimizer', 'all'])
     ap.add_argument('--threads', type=int, default=2, help='threads for the conv, kernels and wrapper probes (default 2)')
-    ap.add_argument('--rounds', type=int, default=2, help='threads and wrapper probes: rounds of fresh processes (default 2)')
+    ap.add_argument('--rounds', type=int, default=2, help='threads, wrapper and optimizer probes: rounds (default 2)')
     ap.add_argument('--seconds', type=float, default=8., help='threads and wrapper probes: seconds each process times (default 8)')
     ap.add_argument('--top', type=int, default=12, help='kernels probe: entries shown (default 12)')
     ap.add_argument('--child', type=int, default=None, help=argparse.SUPPRESS)
@@ -210,6 +246,7 @@ def main(argv=None):
     if args.probe in ('threads', 'all'): probe_threads(args.rounds, args.seconds)
     if args.probe in ('kernels', 'all'): probe_kernels(args.threads, args.top)
     if args.probe in ('wrapper', 'all'): probe_wrapper(args.rounds, args.seconds, args.threads)
+    if args.probe in ('optimizer', 'all'): probe_optimizer(args.rounds, args.threads)
 
 
 if __name__ == '__main__':
