@@ -8,7 +8,8 @@
     ./dev bench accuracy --list                           # the recipes and their settings
 
 Each recipe trains an XResNet from exp.xresnet on the 60,000 training images held in memory (TensorLoader, no
-image decoding), with one-cycle AdamW driven by the clock (exp.xresnet.TimeBudget: the schedule warms up, peaks
+image decoding), with one-cycle AdamW (or, with `opt='muon'` as in the one-minute recipe, exp.optimizers.muon_adamw:
+Muon for the hidden convolutions) driven by the clock (exp.xresnet.TimeBudget: the schedule warms up, peaks
 and anneals over the time budget, whatever the machine's speed today), bf16 autocast where the CPU has native bf16
 (AMX or AVX512-BF16; `--bf16`/`--no-bf16` force it) and channels_last (exp.callbacks), label smoothing, flips and
 optionally 1-2 pixel shifts and random erasing; optionally an exponential moving average of the weights (`ema`)
@@ -117,7 +118,7 @@ def _xresnet_s2(c_in=1, n_out=10):
 
 
 def _xresnet_res(stem, widths):
-    "Like `_xresnet_tiny`, one block a stage, but the first stage keeps the full 28 px (stride 1): 28, 14, 7 (, 4) px."
+    "Like `_xresnet_tiny`, one block a stage, but the first stage keeps the full 28 px (stride 1): stages at 28, 14, 7 px."
     def make(c_in=1, n_out=10):
         return XResNet(ResBlock, 1, [1] * len(widths), c_in=c_in, n_out=n_out, stem_szs=stem, widths=widths,
                        small_input=True, strides=(1,) + (2,) * (len(widths) - 1))
@@ -290,6 +291,7 @@ def machine_speed():
 def run(name, seed=0, overrides=None, epochs=None):
     "Train recipe `name` (with `overrides`) once; return a dict: settings, training seconds, batches, accuracies."
     r = {**RECIPES[name], **(overrides or {})}
+    if r['opt'] not in ('adamw', 'muon'): raise ValueError(f"opt={r['opt']!r}: expected 'adamw' or 'muon'")
     if r['bf16'] == 'auto': r['bf16'] = native_bf16('cpu')
     torch.manual_seed(seed)
     dls, test, fill = fashion_mnist_loaders(r['bs'], r['flip'], r['pad'], r['erase'])
