@@ -70,7 +70,7 @@ from exp.callback_core import Callback
 from exp.callbacks import ChannelsLast, MixedPrecision, native_bf16
 from exp.data import load_fashion_mnist
 import exp.schedules                                  # Learner.fit_one_cycle
-from exp.learner import Learner
+from exp.learner import Learner, torch_adamw
 from exp.minibatch import DataLoaders, TensorLoader
 from exp.optimizers import muon_adamw
 from exp.vision_learner import FlipInputs
@@ -144,6 +144,7 @@ ARCHS = {'xresnet_mini': xresnet_mini, 'xresnet_small': xresnet_small,
          'xresnet_mini_r': _xresnet_res((16,), (32, 64, 128)),       # first stage at full size: 28, 14, 7 px (fifth pass)
          'xresnet_mini_silu': partial(xresnet_mini, act_cls=nn.SiLU)}           # SiLU for ReLU (fifth pass: 0.86x the speed)
 TTAS = ('none', 'flip', 'flip+shift')
+OPT_FUNCS = {'adamw': torch_adamw, 'muon': muon_adamw}     # the `opt` setting: the Learner's default, or Muon
 
 
 
@@ -292,7 +293,7 @@ def machine_speed():
 def run(name, seed=0, overrides=None, epochs=None):
     "Train recipe `name` (with `overrides`) once; return a dict: settings, training seconds, batches, accuracies."
     r = {**RECIPES[name], **(overrides or {})}
-    if r['opt'] not in ('adamw', 'muon'): raise ValueError(f"opt={r['opt']!r}: expected 'adamw' or 'muon'")
+    if r['opt'] not in OPT_FUNCS: raise ValueError(f"opt={r['opt']!r}: expected one of {', '.join(map(repr, OPT_FUNCS))}")
     if r['bf16'] == 'auto': r['bf16'] = native_bf16('cpu')
     torch.manual_seed(seed)
     dls, test, fill = fashion_mnist_loaders(r['bs'], r['flip'], r['pad'], r['erase'])
@@ -300,7 +301,7 @@ def run(name, seed=0, overrides=None, epochs=None):
     ema = EMA(r['ema']) if r['ema'] else None
     cbs = ([MixedPrecision(torch.bfloat16)] if r['bf16'] else []) + ([ChannelsLast()] if r['channels_last'] else [])
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(label_smoothing=r['label_smoothing']), lr=r['lr'], wd=r['wd'],
-                    **(dict(opt_func=muon_adamw) if r['opt'] == 'muon' else {}),
+                    opt_func=OPT_FUNCS[r['opt']],
                     cbs=cbs + ([ema] if ema else []) + ([SmallFirst(r['small'], r['small_until'])] if r['small'] else []),
                     device='cpu')
     if not r['bf16']: learn.to_fp32()                                # fp32 even if the Learner would pick bf16 itself

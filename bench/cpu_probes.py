@@ -9,7 +9,7 @@
     .venv/bin/python bench/cpu_probes.py all
 
 The step is the 60-second recipe's (bench/accuracy.py `--recipe 60s`): xresnet_mini, batches of 128 at 28 px, bf16
-autocast, channels_last, torch.compile, fused AdamW, `keep_freed_memory()`; inputs are random tensors in memory.
+autocast, channels_last, torch.compile, fused AdamW (`torch_adamw`), `keep_freed_memory()`; inputs are random tensors in memory.
 
 conv: for every 3x3 convolution of the model (its input and weight shapes, found with a forward hook), the
 milliseconds of the forward, of `aten.convolution_backward` asked for the input's gradient only and for the weight's
@@ -54,14 +54,14 @@ ARCHS = {'xresnet_mini': xresnet_mini, 'xresnet_small': xresnet_small}
 BS, PX = 128, 28
 
 
-def step_fn(threads, compile=True, wrapper='python', arch='xresnet_mini', opt_func=None):
-    "The recipe's training step on one random batch (fused AdamW, or `opt_func`'s optimizer): a function doing one step."
+def step_fn(threads, compile=True, wrapper='python', arch='xresnet_mini', opt_func=torch_adamw):
+    "The recipe's training step on one random batch, with `opt_func`'s optimizer: a function doing one step."
     torch.set_num_threads(threads)
     keep_freed_memory()
     torch.manual_seed(0)
     model = ARCHS[arch](c_in=1, n_out=10).to(memory_format=torch.channels_last)
     if compile: model = torch.compile(model, options={'cpp_wrapper': True} if wrapper == 'cpp' else None)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3, fused=True) if opt_func is None else opt_func(model.parameters(), lr=1e-3)
+    opt = opt_func(model.parameters(), lr=1e-3)
     x = torch.randn(BS, 1, PX, PX).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (BS,))
     def step():

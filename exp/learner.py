@@ -4,6 +4,7 @@ __all__ = ['lr_range',
            'set_group_hyper',
            'get_group_hyper',
            'TorchAdamW',
+           'fused_or_foreach',
            'torch_adamw',
            'noop',
            'TextLogger',
@@ -91,14 +92,18 @@ class TorchAdamW(torch.optim.AdamW):
     lr, mom, sqr_mom, wd = _hyper_prop('lr'), _hyper_prop('mom'), _hyper_prop('sqr_mom'), _hyper_prop('wd')
 
 
+def fused_or_foreach(opt_cls, params, **kwargs):
+    "`opt_cls(params, **kwargs)`, a torch optimizer, with its fused kernel where it has one, else `foreach` (unless asked)."
+    params = list(params)
+    if 'fused' not in kwargs and 'foreach' not in kwargs:
+        try: return opt_cls(params, fused=True, **kwargs)
+        except RuntimeError: kwargs['foreach'] = True          # a device or dtype without a fused kernel
+    return opt_cls(params, **kwargs)
+
+
 def torch_adamw(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, **kwargs):
     "fastai's default optimizer, AdamW with decoupled weight decay, as torch's fused `AdamW` (else `foreach`)."
-    params = list(params)
-    kwargs = dict(lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, **kwargs)
-    if 'fused' not in kwargs and 'foreach' not in kwargs:
-        try: return TorchAdamW(params, fused=True, **kwargs)
-        except RuntimeError: kwargs['foreach'] = True          # a device or dtype without a fused kernel
-    return TorchAdamW(params, **kwargs)
+    return fused_or_foreach(TorchAdamW, params, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, **kwargs)
 
 # %% nbs/03_learner.ipynb (id: 785e67be)
 def noop(*args, **kwargs):

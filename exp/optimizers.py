@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from exp.callbacks import native_bf16
-from exp.learner import TorchAdamW
+from exp.learner import TorchAdamW, fused_or_foreach
 from exp.minibatch import Optimizer, average_grad, l2_reg, weight_decay
 
 # %% nbs/05b_optimizers.ipynb (id: 5a311627)
@@ -133,12 +133,12 @@ def orthogonalize(x, steps=5, eps=1e-7):
     """Newton-Schulz: for a matrix `x` (or a batch of them, `(B, rows, cols)` with rows <= cols), roughly the nearest
     matrix with orthonormal rows, `U V^T` from the SVD `U S V^T`: singular values down to 1/100 of the largest end
     in about [0.68, 1.2]; smaller ones are raised less far."""
+    if x.ndim == 2: return orthogonalize(x[None], steps, eps)[0]
     a, b, c = 3.4445, -4.7750, 2.0315                      # Keller Jordan's quintic: fast to leave 0, not exact at 1
-    x = x / x.flatten(-2).norm(dim=-1).clamp(min=eps)[..., None, None]   # singular values <= 1: the iteration converges
+    x = x / x.flatten(1).norm(dim=1).clamp(min=eps)[:, None, None]   # singular values <= 1: the iteration converges
     for _ in range(steps):
-        gram = x @ x.transpose(-2, -1)
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a) if x.ndim == 3 else \
-            torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)     # (a + b G + c G²) x
+        gram = x @ x.transpose(1, 2)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)     # (a + b G + c G²) x
     return x
 
 # %% nbs/05b_optimizers.ipynb (id: 07e9e8be)
@@ -171,12 +171,6 @@ class MuonAdamW(TorchAdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         mats = [p for g in self.param_groups for p in g['params'] if p.ndim >= 2]
         self.hidden, self.ns_steps = {id(p) for p in mats[1:-1]}, ns_steps
-        self._dtypes = {}
-
-    def _ns_dtype(self, device):
-        "bf16 where `device` computes in it natively (the iteration tolerates its rounding), else fp32."
-        if device not in self._dtypes: self._dtypes[device] = torch.bfloat16 if native_bf16(device) else torch.float32
-        return self._dtypes[device]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -201,16 +195,12 @@ class MuonAdamW(TorchAdamW):
             bufs = [self.state[p]['muon_mom'] for p in ps]
             torch._foreach_mul_(bufs, mom); torch._foreach_add_(bufs, gs)
             nesterov = torch._foreach_add(gs, bufs, alpha=mom)
-            for p, u in zip(ps, orthogonalize_all([n.flatten(1) for n in nesterov], self.ns_steps, self._ns_dtype(ps[0].device))):
+            dtype = torch.bfloat16 if native_bf16(ps[0].device) else torch.float32     # bf16's rounding is tolerated
+            for p, u in zip(ps, orthogonalize_all([n.flatten(1) for n in nesterov], self.ns_steps, dtype)):
                 p.mul_(1 - lr * wd).add_(u.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(u.shape)))
         return loss
 
 
 def muon_adamw(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, ns_steps=5, **kwargs):
     "`opt_func`: `MuonAdamW` with `torch_adamw`'s arguments and defaults (its AdamW is torch's fused one where it can be)."
-    params = list(params)
-    kwargs = dict(lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, ns_steps=ns_steps, **kwargs)
-    if 'fused' not in kwargs and 'foreach' not in kwargs:
-        try: return MuonAdamW(params, fused=True, **kwargs)
-        except RuntimeError: kwargs['foreach'] = True
-    return MuonAdamW(params, **kwargs)
+    return fused_or_foreach(MuonAdamW, params, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, ns_steps=ns_steps, **kwargs)
