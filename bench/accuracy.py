@@ -293,7 +293,6 @@ def machine_speed():
 def run(name, seed=0, overrides=None, epochs=None):
     "Train recipe `name` (with `overrides`) once; return a dict: settings, training seconds, batches, accuracies."
     r = {**RECIPES[name], **(overrides or {})}
-    if r['opt'] not in OPT_FUNCS: raise ValueError(f"opt={r['opt']!r}: expected one of {', '.join(map(repr, OPT_FUNCS))}")
     if r['bf16'] == 'auto': r['bf16'] = native_bf16('cpu')
     torch.manual_seed(seed)
     dls, test, fill = fashion_mnist_loaders(r['bs'], r['flip'], r['pad'], r['erase'])
@@ -451,6 +450,7 @@ def main(argv=None):
     if overrides.get('tta', 'flip') not in TTAS: ap.error(f'tta: one of {", ".join(TTAS)}')
     if overrides.get('wrapper') == 'cpp' and overrides.get('mode', 'default') != 'default': ap.error('wrapper=cpp: only with mode=default')
     if overrides.get('wrapper', 'python') not in ('python', 'cpp'): ap.error('wrapper: python or cpp')
+    if overrides.get('opt', 'adamw') not in OPT_FUNCS: ap.error(f"opt: {' or '.join(OPT_FUNCS)}")
     seeds = [args.seed] if args.seed is not None else [int(s) for s in args.seeds.split(',')]
     torch.set_num_threads(args.threads or default_threads(os.cpu_count() or 1, 1))
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)   # compile: "no CUDA runtime", expected on a CPU
