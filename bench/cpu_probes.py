@@ -32,10 +32,12 @@ which is faster.
 optimizer: the cost of `exp.optimizers.muon_adamw` (the 60-second recipe v4's optimizer) against torch's fused AdamW
 (`exp.learner.torch_adamw`, v3's), in one process: the optimizer step alone on xresnet_mini's parameters with fixed
 random gradients; its Newton-Schulz part (`orthogonalize_all` of the 9 hidden weights), stacked as the optimizer
-runs it and one matrix at a time; and the whole compiled training step with each optimizer. Medians of 30 calls,
-the two optimizers in turns, best of `--rounds`.
+runs it (its stacks of fewer than 64 rows in fp32), with every stack in bf16 (`fp32_below=0`) and one matrix at a
+time; and the whole compiled training step with each optimizer (Muon both ways). Medians of 30 calls,
+the optimizers in turns, best of `--rounds`.
 """
 import argparse, logging, os, statistics, subprocess, sys, time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -209,13 +211,19 @@ def probe_optimizer(rounds, threads):
     for p in model.parameters(): p.grad = torch.randn_like(p) * 1e-3
     opts = {'torch_adamw': torch_adamw(model.parameters(), lr=1e-6), 'muon_adamw': muon_adamw(model.parameters(), lr=1e-6)}
     gs = [p.grad.flatten(1) for p in model.parameters() if id(p) in opts['muon_adamw'].hidden]
-    steps = {name: step_fn(threads, opt_func=f) for name, f in (('torch_adamw', torch_adamw), ('muon_adamw', muon_adamw))}
+    muon_bf16 = partial(muon_adamw, fp32_below=0)                # every stack in bf16, the small ones too
+    opts['muon_adamw, all bf16'] = muon_bf16(model.parameters(), lr=1e-6)
+    steps = {name: step_fn(threads, opt_func=f)
+             for name, f in (('torch_adamw', torch_adamw), ('muon_adamw', muon_adamw), ('muon_adamw, all bf16', muon_bf16))}
     rows = {'optimizer step, torch_adamw': lambda: opts['torch_adamw'].step(),
             'optimizer step, muon_adamw': lambda: opts['muon_adamw'].step(),
+            'optimizer step, muon_adamw, all bf16': lambda: opts['muon_adamw, all bf16'].step(),
             f'orthogonalize_all, {len(gs)} matrices stacked': lambda: orthogonalize_all(gs),
+            f'orthogonalize_all, {len(gs)} matrices stacked, all bf16': lambda: orthogonalize_all(gs, fp32_below=0),
             f'orthogonalize_all, {len(gs)} matrices one at a time': lambda: [orthogonalize_all([g]) for g in gs],
             'compiled training step, torch_adamw': steps['torch_adamw'],
-            'compiled training step, muon_adamw': steps['muon_adamw']}
+            'compiled training step, muon_adamw': steps['muon_adamw'],
+            'compiled training step, muon_adamw, all bf16': steps['muon_adamw, all bf16']}
     best = {k: float('inf') for k in rows}
     for r in range(rounds):
         for k, f in rows.items(): best[k] = min(best[k], ms(f))

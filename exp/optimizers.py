@@ -142,16 +142,19 @@ def orthogonalize(x, steps=5, eps=1e-7):
     return x
 
 # %% nbs/05b_optimizers.ipynb (id: 07e9e8be)
-def orthogonalize_all(gs, steps=5, dtype=torch.bfloat16):
+def orthogonalize_all(gs, steps=5, dtype=torch.bfloat16, fp32_below=64):
     """`orthogonalize` each 2-D matrix in `gs` (in `dtype`), a few batched matmuls instead of many small ones: tall ones
     are transposed, and matrices with the same number of rows are padded with zero columns to one length and stacked.
-    A zero column stays zero through the iteration and changes nothing in the others, so the padding is exact."""
+    A zero column stays zero through the iteration and changes nothing in the others, so the padding is exact.
+    Stacks of fewer than `fp32_below` rows run in fp32 whatever `dtype`: products that small cost their call, not their
+    arithmetic, and fp32's call is the cheaper one on a CPU (timed below)."""
     wide = [g.T if g.shape[0] > g.shape[1] else g for g in gs]
     out = [None] * len(gs)
     by_rows = {}
     for i, w in enumerate(wide): by_rows.setdefault(w.shape[0], []).append(i)
     for rows, idx in by_rows.items():
-        x = wide[idx[0]].new_zeros(len(idx), rows, max(wide[i].shape[1] for i in idx), dtype=dtype)
+        x = wide[idx[0]].new_zeros(len(idx), rows, max(wide[i].shape[1] for i in idx),
+                                   dtype=torch.float32 if rows < fp32_below else dtype)
         for k, i in enumerate(idx): x[k, :, :wide[i].shape[1]] = wide[i]
         x = orthogonalize(x, steps)
         for k, i in enumerate(idx):
@@ -166,11 +169,12 @@ class MuonAdamW(TorchAdamW):
     first and the last (the stem's convolution and the head's linear layer): a convolution's filters are a matrix of
     `out_channels x (in_channels * kh * kw)`. Their step is the Nesterov momentum of their gradients, orthogonalized
     (`orthogonalize_all`), scaled by `0.2 * sqrt(max(rows, cols))` so that its RMS is about AdamW's (the
-    "match_rms_adamw" rule of Moonshot's Muon): the same `lr` and `wd` suit both. `mom` is Muon's momentum too."""
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, ns_steps=5, **kwargs):
+    "match_rms_adamw" rule of Moonshot's Muon): the same `lr` and `wd` suit both. `mom` is Muon's momentum too.
+    `ns_steps` and `fp32_below` go to `orthogonalize_all`."""
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, ns_steps=5, fp32_below=64, **kwargs):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         mats = [p for g in self.param_groups for p in g['params'] if p.ndim >= 2]
-        self.hidden, self.ns_steps = {id(p) for p in mats[1:-1]}, ns_steps
+        self.hidden, self.ns_steps, self.fp32_below = {id(p) for p in mats[1:-1]}, ns_steps, fp32_below
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -188,16 +192,17 @@ class MuonAdamW(TorchAdamW):
         for group, ps, gs in zip(self.param_groups, mine, grads):
             if not ps: continue
             lr, mom, wd = group['lr'], group['betas'][0], group['weight_decay']
-            for p in ps:                                     # a `step` like Adam's: torch's Adam reads it when loading
-                st = self.state[p]
-                if not st: st.update(step=torch.tensor(0.), muon_mom=torch.zeros_like(p))
-                st['step'] += 1
+            for p in ps:
+                if not self.state[p]: self.state[p].update(step=torch.tensor(0.), muon_mom=torch.zeros_like(p))
+            torch._foreach_add_([self.state[p]['step'] for p in ps], 1)   # like Adam's: torch's Adam reads it when loading
             bufs = [self.state[p]['muon_mom'] for p in ps]
             torch._foreach_mul_(bufs, mom); torch._foreach_add_(bufs, gs)
             nesterov = torch._foreach_add(gs, bufs, alpha=mom)
             dtype = torch.bfloat16 if native_bf16(ps[0].device) else torch.float32     # bf16's rounding is tolerated
-            for p, u in zip(ps, orthogonalize_all([n.flatten(1) for n in nesterov], self.ns_steps, dtype)):
-                p.mul_(1 - lr * wd).add_(u.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(u.shape)))
+            us = orthogonalize_all([n.flatten(1) for n in nesterov], self.ns_steps, dtype, self.fp32_below)
+            torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, torch._foreach_mul([u.view_as(p) for p, u in zip(ps, us)],
+                                                       [-lr * 0.2 * math.sqrt(max(u.shape)) for u in us]))
         return loss
 
 
