@@ -209,21 +209,15 @@ def probe_optimizer(rounds, threads):
     torch.manual_seed(0)
     model = xresnet_mini(c_in=1, n_out=10)
     for p in model.parameters(): p.grad = torch.randn_like(p) * 1e-3
-    opts = {'torch_adamw': torch_adamw(model.parameters(), lr=1e-6), 'muon_adamw': muon_adamw(model.parameters(), lr=1e-6)}
+    opt_funcs = {'torch_adamw': torch_adamw, 'muon_adamw': muon_adamw,
+                 'muon_adamw, all bf16': partial(muon_adamw, fp32_below=0)}      # every stack in bf16, the small ones too
+    opts = {name: f(model.parameters(), lr=1e-6) for name, f in opt_funcs.items()}
     gs = [p.grad.flatten(1) for p in model.parameters() if id(p) in opts['muon_adamw'].hidden]
-    muon_bf16 = partial(muon_adamw, fp32_below=0)                # every stack in bf16, the small ones too
-    opts['muon_adamw, all bf16'] = muon_bf16(model.parameters(), lr=1e-6)
-    steps = {name: step_fn(threads, opt_func=f)
-             for name, f in (('torch_adamw', torch_adamw), ('muon_adamw', muon_adamw), ('muon_adamw, all bf16', muon_bf16))}
-    rows = {'optimizer step, torch_adamw': lambda: opts['torch_adamw'].step(),
-            'optimizer step, muon_adamw': lambda: opts['muon_adamw'].step(),
-            'optimizer step, muon_adamw, all bf16': lambda: opts['muon_adamw, all bf16'].step(),
+    rows = {**{f'optimizer step, {name}': opt.step for name, opt in opts.items()},
             f'orthogonalize_all, {len(gs)} matrices stacked': lambda: orthogonalize_all(gs),
             f'orthogonalize_all, {len(gs)} matrices stacked, all bf16': lambda: orthogonalize_all(gs, fp32_below=0),
             f'orthogonalize_all, {len(gs)} matrices one at a time': lambda: [orthogonalize_all([g]) for g in gs],
-            'compiled training step, torch_adamw': steps['torch_adamw'],
-            'compiled training step, muon_adamw': steps['muon_adamw'],
-            'compiled training step, muon_adamw, all bf16': steps['muon_adamw, all bf16']}
+            **{f'compiled training step, {name}': step_fn(threads, opt_func=f) for name, f in opt_funcs.items()}}
     best = {k: float('inf') for k in rows}
     for r in range(rounds):
         for k, f in rows.items(): best[k] = min(best[k], ms(f))

@@ -148,7 +148,8 @@ def orthogonalize_all(gs, steps=5, dtype=torch.bfloat16, fp32_below=64):
     A zero column stays zero through the iteration and changes nothing in the others, so the padding is exact.
     Stacks of fewer than `fp32_below` rows run in fp32 whatever `dtype`: products that small cost their call, not their
     arithmetic, and fp32's call is the cheaper one on a CPU (timed below)."""
-    wide = [g.T if g.shape[0] > g.shape[1] else g for g in gs]
+    tall = [g.shape[0] > g.shape[1] for g in gs]
+    wide = [g.T if t else g for g, t in zip(gs, tall)]
     out = [None] * len(gs)
     by_rows = {}
     for i, w in enumerate(wide): by_rows.setdefault(w.shape[0], []).append(i)
@@ -159,7 +160,7 @@ def orthogonalize_all(gs, steps=5, dtype=torch.bfloat16, fp32_below=64):
         x = orthogonalize(x, steps)
         for k, i in enumerate(idx):
             o = x[k, :, :wide[i].shape[1]].to(gs[i].dtype)
-            out[i] = o.T if gs[i].shape[0] > gs[i].shape[1] else o
+            out[i] = o.T if tall[i] else o
     return out
 
 # %% nbs/05b_optimizers.ipynb (id: 99772326)
